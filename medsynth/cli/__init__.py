@@ -1,0 +1,1 @@
+"""The ``medsynth`` command. Each module here registers its own subcommands; ``main`` wires them."""
