@@ -1,0 +1,52 @@
+"""Registry of generative families by name. Configs, the CLI and the flows select families only here.
+
+Built-in families are listed as ``"module:Class"`` so importing the registry stays cheap (torch-based
+families are imported when first used). Third-party families register with :func:`register_family`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from medsynth.models.base import GenerativeModel
+
+_BUILTIN: dict[str, str] = {
+    # family name -> "module:Class"; each family module adds its line here.
+}
+_LOADED: dict[str, type[GenerativeModel]] = {}
+
+
+def register_family(cls: type[GenerativeModel]) -> type[GenerativeModel]:
+    """Class decorator / function registering a family under ``cls.family``."""
+    if not cls.family:
+        raise ValueError(f"family: {cls.__name__} has an empty family name")
+    _LOADED[cls.family] = cls
+    return cls
+
+
+def available_families() -> list[str]:
+    return sorted(set(_BUILTIN) | set(_LOADED))
+
+
+def get_family(name: str) -> type[GenerativeModel]:
+    """The class registered as ``name``; ``ValueError`` naming the known families otherwise."""
+    if name in _LOADED:
+        return _LOADED[name]
+    target = _BUILTIN.get(name)
+    if target is None:
+        raise ValueError(f"family: unknown generative family {name!r}; known: {available_families()}")
+    module_name, cls_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    _LOADED[name] = cls
+    return cls
+
+
+def create_model(name: str, config: dict[str, Any] | None = None) -> GenerativeModel:
+    """Instantiate family ``name`` with a validated config."""
+    return get_family(name)(config)
+
+
+def load_model(directory: Any) -> GenerativeModel:
+    """Load a saved model of any family."""
+    return GenerativeModel.load(directory)
