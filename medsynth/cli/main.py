@@ -1,6 +1,6 @@
 """Entry point of the ``medsynth`` console script.
 
-Each command module exposes ``register(commands, evaluate)`` adding its subcommands to the top-level
+Each command module in this package exposes ``register(commands, evaluate)`` adding its subcommands to the top-level
 parser group and to the ``medsynth evaluate`` group; handlers are stored as ``func`` and get the parsed
 namespace. User-facing errors (:class:`~medsynth.errors.MedsynthError`) become one line and exit 2.
 """
@@ -10,14 +10,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import pkgutil
 import sys
 
+import medsynth.cli
 from medsynth.errors import MedsynthError
 
 log = logging.getLogger("medsynth")
 
-#: Command modules under ``medsynth.cli``; each defines ``register(commands, evaluate)``.
-COMMAND_MODULES = ("data", "models", "evaluate", "run")
+
+def command_modules() -> list[str]:
+    """Every module in ``medsynth.cli`` that defines ``register(commands, evaluate)``, in name order."""
+    return sorted(m.name for m in pkgutil.iter_modules(medsynth.cli.__path__) if m.name != "main")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     evaluate_parser = commands.add_parser("evaluate", help="evaluate synthetic data, scar methods, segmentation")
     evaluate = evaluate_parser.add_subparsers(dest="evaluate_command", metavar="WHAT", required=True)
-    for name in COMMAND_MODULES:
+    for name in command_modules():
         module = importlib.import_module(f"medsynth.cli.{name}")
-        module.register(commands, evaluate)
+        if hasattr(module, "register"):
+            module.register(commands, evaluate)
     return parser
 
 

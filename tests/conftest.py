@@ -1,0 +1,54 @@
+"""Shared fixtures. Real-data tests read ``MEDSYNTH_TEST_DATA`` and skip when it is unset."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Prefect must never touch the user's home or phone home from tests; set before anything imports it.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="medsynth-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import torch  # noqa: E402
+
+# Two cores on CI: keep torch from oversubscribing them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _test_data() -> Path | None:
+    value = os.environ.get("MEDSYNTH_TEST_DATA")
+    return Path(value) if value else None
+
+
+@pytest.fixture(scope="session")
+def test_data_root() -> Path:
+    """``MEDSYNTH_TEST_DATA`` (the folder holding ``acdc/`` and ``emidec_png/``), or skip."""
+    root = _test_data()
+    if root is None:
+        pytest.skip("MEDSYNTH_TEST_DATA is not set: real-data test skipped")
+    if not root.is_dir():
+        pytest.fail(f"MEDSYNTH_TEST_DATA={root} is not a directory")
+    return root
+
+
+@pytest.fixture(scope="session")
+def acdc_root(test_data_root: Path) -> Path:
+    """ACDC ``training/`` folder (patientNNN/...)."""
+    root = test_data_root / "acdc" / "training"
+    if not root.is_dir():
+        pytest.fail(f"{root} missing under MEDSYNTH_TEST_DATA")
+    return root
+
+
+@pytest.fixture(scope="session")
+def emidec_png_root(test_data_root: Path) -> Path:
+    """EMIDEC PNG folder (images/ and masks/)."""
+    root = test_data_root / "emidec_png"
+    if not root.is_dir():
+        pytest.fail(f"{root} missing under MEDSYNTH_TEST_DATA")
+    return root
