@@ -12,7 +12,16 @@ from typing import Any
 from medsynth.models.base import GenerativeModel
 
 _BUILTIN: dict[str, str] = {
-    # family name -> "module:Class"; each family module adds its line here.
+    # family name -> "module:Class"
+    "gmm": "medsynth.models.gmm.model:GMMModel",
+    "pca": "medsynth.models.latent.pca:PCAModel",
+    "ppca": "medsynth.models.latent.pca:PPCAModel",
+    "shape_pca": "medsynth.models.latent.shape:ShapeModel",
+    "ae": "medsynth.models.latent.autoencoder:AEModel",
+    "dae": "medsynth.models.latent.autoencoder:DAEModel",
+    "vae": "medsynth.models.latent.autoencoder:VAEModel",
+    "cvae": "medsynth.models.latent.autoencoder:CVAEModel",
+    "flow": "medsynth.models.flow.model:FlowModel",
 }
 _LOADED: dict[str, type[GenerativeModel]] = {}
 
