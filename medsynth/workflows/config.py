@@ -1,0 +1,173 @@
+"""The run configuration (``configs/*.yaml``), validated: unknown or mistyped keys are rejected by name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from medsynth.config import StrictModel, load_config
+from medsynth.data.preprocess import PreprocessConfig
+
+
+class PhantomSource(StrictModel):
+    subjects: int = Field(8, ge=2)
+    contrast: Literal["cine", "lge"] = "cine"
+    scanner: Literal["A", "B"] = "A"
+
+
+class DataConfig(StrictModel):
+    """Where the real data comes from: the built-in phantom, a dataset layout under a root, or a manifest."""
+
+    source: Literal["phantom", "layout", "manifest"] = "phantom"
+    phantom: PhantomSource = PhantomSource()
+    layout: str | None = None  # e.g. acdc, png-slices, mnms, emidec, nnunet
+    root: str | None = None  # layout root, relative to the data root
+    manifest: str | None = None  # manifest CSV, relative to the data root
+    data_root_env: str = "MEDSYNTH_DATA_ROOT"
+    splits: dict[str, float] = {"train": 0.6, "val": 0.1, "test": 0.3}
+    max_subjects: int | None = Field(None, ge=2)  # subsample subjects (stratified) for quick runs
+    lenient: bool = False
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataConfig:
+        if self.source == "layout" and not self.layout:
+            raise ValueError("data.layout is required when data.source is 'layout'")
+        if self.source == "manifest" and not self.manifest:
+            raise ValueError("data.manifest is required when data.source is 'manifest'")
+        return self
+
+    @field_validator("splits")
+    @classmethod
+    def _check_splits(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = set(v) - {"train", "val", "test"}
+        if unknown:
+            raise ValueError(f"unknown split name(s) {sorted(unknown)}; allowed: train, val, test")
+        if "train" not in v or "test" not in v:
+            raise ValueError("splits need at least 'train' and 'test'")
+        if abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got {sum(v.values())}")
+        return v
+
+
+class ModelSpec(StrictModel):
+    """One generative family to fit. ``params`` is validated by the family's own config."""
+
+    family: str
+    name: str | None = None
+    params: dict[str, Any] = {}
+    fit_on: Literal["train", "healthy_train"] = "train"
+
+    @property
+    def label(self) -> str:
+        return self.name or self.family
+
+
+class LabelSourceConfig(StrictModel):
+    """Label maps for label-conditioned families: real training maps, randomly deformed (seeded)."""
+
+    rotate_deg: float = Field(15.0, ge=0)
+    scale: float = Field(0.1, ge=0, lt=0.5)
+    translate_px: float = Field(4.0, ge=0)
+    flip: bool = False
+
+
+class SynthesisConfig(StrictModel):
+    n: int = Field(64, ge=1)
+    labels: LabelSourceConfig = LabelSourceConfig()
+
+
+class FidelityStageConfig(StrictModel):
+    enabled: bool = True
+    extractor: str = "random_cnn"
+    bootstrap: int = Field(100, ge=0)
+
+
+class SegmentationStageConfig(StrictModel):
+    enabled: bool = True
+    arms: list[Literal["real", "real+synthetic", "synthetic"]] = ["real", "real+synthetic"]
+    seeds: list[int] = [0, 1, 2]
+    params: dict[str, Any] = {}  # validated by medsynth.evaluation.segmentation's config
+
+
+class AnomalyStageConfig(StrictModel):
+    enabled: bool = True
+    baselines: bool = True
+
+
+class EvaluationConfig(StrictModel):
+    fidelity: FidelityStageConfig = FidelityStageConfig()
+    segmentation: SegmentationStageConfig = SegmentationStageConfig()
+    anomaly: AnomalyStageConfig = AnomalyStageConfig()
+
+
+class RunnerConfig(StrictModel):
+    """Prefect task runner: ``local`` (threads), or ``dask`` on a new LocalCluster or an existing scheduler."""
+
+    kind: Literal["local", "dask"] = "local"
+    max_workers: int = Field(2, ge=1)
+    address: str | None = None  # e.g. tcp://scheduler:8786; None starts a LocalCluster
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class OutputConfig(StrictModel):
+    dir: str = "runs"
+    dataset_id: int = Field(901, ge=1, le=999)
+    dataset_name: str = "MedsynthAugmented"
+
+
+class RunConfig(StrictModel):
+    """A whole pipeline run. ``flow`` selects the Prefect flow (augment, anomaly)."""
+
+    run_name: str = "run"
+    flow: Literal["augment", "anomaly"] = "augment"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    models: list[ModelSpec] = [ModelSpec(family="gmm")]
+    synthesis: SynthesisConfig = SynthesisConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    runner: RunnerConfig = RunnerConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\") or v.startswith("."):
+            raise ValueError("run_name must be a plain folder name")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> RunConfig:
+        labels = [m.label for m in self.models]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"models: names must be unique, got {labels}; set 'name' to tell them apart")
+        return self
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Load and validate a run YAML; model ``params`` are validated against each family's config."""
+    from medsynth.config import validate
+    from medsynth.models.registry import get_family
+
+    cfg = load_config(RunConfig, path)
+    for i, spec in enumerate(cfg.models):
+        try:
+            family = get_family(spec.family)
+        except ValueError as err:
+            from medsynth.errors import ConfigError
+
+            raise ConfigError(f"{path}: key 'models.{i}.family': {err}") from None
+        validate(family.Config, spec.params, source=f"{path}: models.{i}.params")
+    return cfg
+
+
+def resolve_data_root(cfg: RunConfig, cli_root: str | None) -> Path | None:
+    """``--data-root`` beats the environment variable named in the config."""
+    if cli_root:
+        return Path(cli_root)
+    env = os.environ.get(cfg.data.data_root_env)
+    return Path(env) if env else None

@@ -1,0 +1,207 @@
+"""Scoring and output stages of the flows: fidelity, segmentation arms, anomaly scores, reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medsynth.data.slices import SliceSet
+from medsynth.workflows.outputs import write_run_outputs
+from medsynth.workflows.stage import artefact, run_stage
+from medsynth.workflows.stages import load_split
+
+log = logging.getLogger(__name__)
+
+
+def _reference_split(slices_record: dict[str, Any]) -> SliceSet:
+    """Held-out real slices for comparisons: the test split (val when test is empty)."""
+    test = load_split(slices_record, "test")
+    return test if len(test) else load_split(slices_record, "val")
+
+
+# ---- augment: fidelity, memorisation, segmentation -------------------------------------------------------
+def score_fidelity(
+    work: str, slices_record: dict[str, Any], synth_record: dict[str, Any], cfg: dict[str, Any]
+) -> dict[str, Any]:
+    """FD/rFD/KID/PRDC/MS-SSIM of a synthetic set against held-out real slices, plus the memorisation check."""
+    from medsynth.evaluation.features import get_extractor
+    from medsynth.evaluation.fidelity import FidelityConfig, compute_fidelity
+    from medsynth.evaluation.memorisation import check_memorisation
+
+    inputs = {"slices": slices_record["key"], "synthetic": synth_record["key"], "cfg": cfg}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        real_test = _reference_split(slices_record)
+        real_train = load_split(slices_record, "train")
+        synth = SliceSet.load(artefact(synth_record))
+        extractor = get_extractor(cfg["extractor"])
+        table = compute_fidelity(real_test, synth, extractor, FidelityConfig(n_bootstrap=cfg["bootstrap"]))
+        mem = check_memorisation(synth, real_train, real_test)
+        mem_rows = pd.DataFrame(
+            [
+                {"metric": "memorised_fraction", "value": mem.summary["fraction_flagged"]},
+                {"metric": "nn_distance_ratio_median", "value": mem.summary["median_ratio"]},
+            ]
+        )
+        mem_rows["ci_low"] = mem_rows["ci_high"] = np.nan
+        mem_rows["extractor"] = f"nearest-neighbour ({mem.summary['space']})"
+        mem_rows["extractor_hash"] = ""
+        mem_rows["n_real"], mem_rows["n_synthetic"] = len(real_train), len(synth)
+        table = pd.concat([table, mem_rows], ignore_index=True)
+        table.insert(0, "model", synth_record["name"])
+        table.insert(1, "family", synth_record["family"])
+        table.to_csv(tmp / "fidelity.csv", index=False)
+        return {"path": "fidelity.csv", "name": synth_record["name"]}
+
+    return run_stage(work, "fidelity", inputs, build)
+
+
+def segmentation_arm(
+    work: str,
+    slices_record: dict[str, Any],
+    synth_records: list[dict[str, Any]],
+    arm: str,
+    seed: int,
+    params: dict[str, Any],
+) -> dict[str, Any]:
+    """Train one U-Net (one arm, one seed) and evaluate it per patient on the held-out real test split."""
+    from medsynth.config import validate
+    from medsynth.evaluation.segmentation import SegmentationConfig, run_segmentation_protocol
+
+    inputs = {
+        "slices": slices_record["key"],
+        "synthetic": sorted(r["key"] for r in synth_records),
+        "arm": arm,
+        "seed": seed,
+        "params": params,
+    }
+
+    def build(tmp: Path) -> dict[str, Any]:
+        cfg = validate(SegmentationConfig, {**params, "arms": [arm], "seeds": [seed]}, "evaluation.segmentation")
+        train = load_split(slices_record, "train")
+        test = _reference_split(slices_record)
+        synth = SliceSet.concat([SliceSet.load(artefact(r)) for r in synth_records]) if synth_records else None
+        per_case = run_segmentation_protocol(train, test, synth, cfg)
+        per_case.to_csv(tmp / "per_case.csv", index=False)
+        return {"path": "per_case.csv", "arm": arm, "seed": seed}
+
+    return run_stage(work, "segmentation", inputs, build)
+
+
+def _sample_grid(real: SliceSet, synth_sets: list[tuple[str, SliceSet]], path: Path, n: int = 6) -> Path:
+    """Rows: real held-out slices, then each synthetic set; label contours overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("real", real)] + synth_sets
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.7 * len(rows)), squeeze=False)
+    for r, (name, s) in enumerate(rows):
+        idx = np.linspace(0, max(len(s) - 1, 0), n).astype(int) if len(s) else []
+        for c in range(n):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(idx):
+                i = idx[c]
+                ax.imshow(s.images[i, 0].T, cmap="gray", vmin=0, vmax=1.2, origin="lower")
+                if s.labels[i].any():
+                    ax.contour(s.labels[i].T, levels=np.arange(0.5, 6), linewidths=0.5, cmap="autumn", origin="lower")
+        axes[r, 0].set_title(name, fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        cells = [floatfmt.format(v) if isinstance(v, float | np.floating) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_augment_outputs(
+    work: str,
+    out: str,
+    config: dict[str, Any],
+    config_hash: str,
+    manifest_record: dict[str, Any],
+    slices_record: dict[str, Any],
+    model_records: list[dict[str, Any]],
+    synth_records: list[dict[str, Any]],
+    fidelity_records: list[dict[str, Any]],
+    segmentation_records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Aggregate metrics, draw figures, write the report and the dataset (atomically) and publish artifacts."""
+    from medsynth.evaluation.segmentation import per_seed_table, summarise
+
+    staging = Path(work) / "report"
+    staging.mkdir(parents=True, exist_ok=True)
+    tables: dict[str, str] = {}
+    sections = [
+        f"# medsynth run `{config['run_name']}`",
+        "",
+        f"Config hash `{config_hash}`, seed {config['seed']}, data source `{config['data']['source']}`.",
+        f"Subjects per split: {manifest_record['subjects']}; slices per split: {slices_record['counts']}.",
+        "",
+        "## Models",
+        _markdown_table(
+            pd.DataFrame(
+                [{"name": m["name"], "family": m["family"], "model_hash": m["model_hash"]} for m in model_records]
+            )
+        ),
+    ]
+    summary_for_artifact: pd.DataFrame | None = None
+    if fidelity_records:
+        fid = pd.concat([pd.read_csv(artefact(r)) for r in fidelity_records], ignore_index=True)
+        fid.to_csv(staging / "fidelity.csv", index=False)
+        tables["fidelity"] = str(staging / "fidelity.csv")
+        sections += ["", "## Fidelity (synthetic vs held-out real)", _markdown_table(fid)]
+    if segmentation_records:
+        per_case = pd.concat([pd.read_csv(artefact(r)) for r in segmentation_records], ignore_index=True)
+        per_case.to_csv(staging / "segmentation_per_case.csv", index=False)
+        seg = per_seed_table(per_case)
+        seg.to_csv(staging / "segmentation.csv", index=False)
+        summary = summarise(per_case, seed=config["seed"])
+        summary.to_csv(staging / "segmentation_summary.csv", index=False)
+        tables.update(
+            segmentation_per_case=str(staging / "segmentation_per_case.csv"),
+            segmentation=str(staging / "segmentation.csv"),
+            segmentation_summary=str(staging / "segmentation_summary.csv"),
+        )
+        summary_for_artifact = summary
+        sections += ["", "## Downstream segmentation (held-out real test patients)", _markdown_table(summary)]
+    real = _reference_split(slices_record)
+    synth_sets = [(r["name"], SliceSet.load(artefact(r))) for r in synth_records]
+    grid = _sample_grid(real, synth_sets, staging / "samples.png")
+    sections += ["", "## Samples", "![real vs synthetic](figures/samples.png)", ""]
+    report = "\n".join(sections) + "\n"
+    result = write_run_outputs(
+        out, config["run_name"], config, config_hash, slices_record, synth_records, tables, report, [str(grid)]
+    )
+    _publish_artifacts(config["run_name"], report, summary_for_artifact)
+    return result
+
+
+def _publish_artifacts(run_name: str, report: str, summary: pd.DataFrame | None) -> None:
+    """Prefect UI artifacts (the report as markdown, the metric summary as a table); no-op outside a run."""
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+        from prefect.context import get_run_context
+
+        get_run_context()
+    except Exception:  # not inside a Prefect run: nothing to publish
+        return
+    key = "".join(c if c.isalnum() else "-" for c in run_name.lower())
+    create_markdown_artifact(markdown=report, key=f"{key}-report", description="medsynth run report")
+    if summary is not None:
+        records = json.loads(summary.to_json(orient="records"))
+        create_table_artifact(table=records, key=f"{key}-segmentation", description="segmentation summary")

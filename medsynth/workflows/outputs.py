@@ -1,0 +1,157 @@
+"""The run's final outputs, written atomically under ``OUT/<run_name>/``.
+
+- ``dataset/``: nnU-Net v2 raw (imagesTr, labelsTr, dataset.json) + MONAI ``datalist.json`` — the real
+  training cases (preprocessed volumes) plus the labelled synthetic slices;
+- ``manifest.csv``: a medsynth manifest of ``dataset/`` with provenance per case;
+- ``metrics/*.csv``, ``report.md`` and its figures; ``config.yaml`` (resolved) and ``versions.json``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from medsynth.data.export import Case, label_renumbering, write_nnunet_dataset
+from medsynth.data.manifest import write_manifest
+from medsynth.data.slices import SliceSet
+from medsynth.data.volume import shape_to_str, spacing_to_str
+from medsynth.labels import LABEL_MAPS
+from medsynth.utils.atomic import atomic_dir
+from medsynth.utils.hashing import sha256_file
+from medsynth.workflows.stage import artefact
+
+log = logging.getLogger(__name__)
+
+VERSIONED_PACKAGES = ("medsynth", "torch", "monai", "numpy", "scipy", "scikit-learn", "nibabel", "prefect", "pandas")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def slice_spacing(record: str) -> tuple[float, float, float]:
+    """In-plane spacing of a preprocessed slice (mm) and its slice spacing; 1 mm where unknown (PNG)."""
+    rec = json.loads(record) if record else {}
+    sp = rec.get("out_spacing") or rec.get("spacing") or [1.0, 1.0, 1.0]
+    sp = [float(s) if s else 1.0 for s in sp]
+    while len(sp) < 3:
+        sp.append(1.0)
+    return sp[0], sp[1], sp[2]
+
+
+def _real_cases(train: SliceSet) -> list[tuple[Case, dict[str, Any]]]:
+    out = []
+    for i, (case, idx) in enumerate(train.meta.groupby("case", sort=True).indices.items()):
+        idx = np.asarray(idx)[np.argsort(train.meta["slice_index"].iloc[idx].astype(int).to_numpy())]
+        row = train.meta.iloc[idx[0]]
+        image = np.moveaxis(train.images[idx, 0], 0, -1)
+        label = np.moveaxis(train.labels[idx], 0, -1)
+        cid = f"real_{i:04d}"
+        out.append((Case(cid, image, label, slice_spacing(row["record"])), {**row.to_dict(), "source_case": case}))
+    return out
+
+
+def _synthetic_cases(synth: SliceSet) -> list[tuple[Case, dict[str, Any]]]:
+    out = []
+    for i in range(len(synth)):
+        row = synth.meta.iloc[i]
+        sp = slice_spacing(row["record"])
+        case = Case(str(row["subject_id"]), synth.images[i, 0][..., None], synth.labels[i][..., None], sp)
+        out.append((case, row.to_dict()))
+    return out
+
+
+def _label_map_name(remap: dict[int, int]) -> str:
+    """A known label map that reads the renumbered codes back as canonical ones."""
+    for name, lut in LABEL_MAPS.items():
+        if all(lut.get(dst) == src for src, dst in remap.items()):
+            return name
+    raise ValueError(f"no known label map matches the renumbering {remap}; add one to medsynth.labels")
+
+
+def write_run_outputs(
+    out_root: str,
+    run_name: str,
+    config: dict[str, Any],
+    config_hash: str,
+    slices_record: dict[str, Any],
+    synth_records: list[dict[str, Any]],
+    metric_tables: dict[str, str],
+    report_md: str,
+    figures: list[str],
+) -> dict[str, Any]:
+    """Assemble ``OUT/<run_name>`` atomically; returns ``{"path": ..., "cases": ...}``."""
+    target = Path(out_root) / run_name
+    train = SliceSet.load(artefact(slices_record, "train"))
+    cases = _real_cases(train)
+    for rec in synth_records:
+        if rec.get("has_labels"):
+            cases += _synthetic_cases(SliceSet.load(artefact(rec)))
+        else:
+            log.info("synthetic set %s has no labels: kept out of the segmentation dataset", rec["name"])
+    modality = str(train.meta["modality"].iloc[0]) if len(train) else "MR"
+    with atomic_dir(target) as tmp:
+        ds = write_nnunet_dataset(
+            tmp / "dataset",
+            [c for c, _ in cases],
+            channel_name=modality.upper(),
+            dataset_name=config.get("output", {}).get("dataset_name", "MedsynthAugmented"),
+            description=f"medsynth run {run_name}: real training cases + synthetic slices",
+        )
+        remap = label_renumbering(int(v) for v in ds["medsynth"]["canonical_codes"].values())
+        label_map = _label_map_name(remap)
+        rows = []
+        for case, meta in cases:
+            img = f"imagesTr/{case.case_id}_0000.nii.gz"
+            rows.append(
+                {
+                    "subject_id": meta.get("subject_id", case.case_id),
+                    "image": img,
+                    "label": f"labelsTr/{case.case_id}.nii.gz",
+                    "dataset": meta.get("dataset", ""),
+                    "modality": meta.get("modality", ""),
+                    "vendor": meta.get("vendor", ""),
+                    "phase": meta.get("phase", "none"),
+                    "pathology": meta.get("pathology", ""),
+                    "label_map": label_map,
+                    "spacing": spacing_to_str(case.spacing),
+                    "shape": shape_to_str(case.image.shape),
+                    "split": "train",
+                    "sha256": sha256_file(tmp / "dataset" / img),
+                    "source": meta.get("source") or "real",
+                    "family": meta.get("family", ""),
+                    "model_hash": meta.get("model_hash", ""),
+                    "seed": meta.get("seed", ""),
+                    "source_case": meta.get("source_case", ""),
+                    "config_hash": config_hash,
+                }
+            )
+        write_manifest(pd.DataFrame(rows), tmp / "manifest.csv", data_root=tmp / "dataset")
+        # the header must point at the final folder, not the temporary one: both are siblings, so the
+        # relative path written above ("dataset") stays right after the rename.
+        (tmp / "metrics").mkdir()
+        for name, path in metric_tables.items():
+            shutil.copy(path, tmp / "metrics" / f"{name}.csv")
+        (tmp / "figures").mkdir()
+        for fig in figures:
+            shutil.copy(fig, tmp / "figures" / Path(fig).name)
+        (tmp / "report.md").write_text(report_md)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / "versions.json").write_text(json.dumps(package_versions(), indent=2))
+    n_syn = sum(1 for _, m in cases if m.get("source") == "synthetic")
+    return {"path": str(target), "cases": len(cases), "synthetic_cases": n_syn}

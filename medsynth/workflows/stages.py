@@ -1,0 +1,227 @@
+"""The pipeline stages. Each takes paths and small JSON records and returns a record (see ``stage.py``).
+
+Records carry artefact paths and hashes, never arrays, so an orchestrator (Prefect, Dask) can ship them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medsynth.data.manifest import load_manifest, read_manifest, resolve_data_root, write_manifest
+from medsynth.data.slices import SliceSet
+from medsynth.errors import ConfigError
+from medsynth.transforms import RandomLabelDeformation
+from medsynth.utils.hashing import sha256_file
+from medsynth.workflows.stage import artefact, run_stage
+
+log = logging.getLogger(__name__)
+
+#: Pathology values counted as healthy when a family is fitted on ``healthy_train``.
+HEALTHY = frozenset({"normal", "NOR", "healthy"})
+
+
+def _tree_fingerprint(root: Path) -> str:
+    """Cheap fingerprint of a data folder (names, sizes, mtimes) so a changed dataset invalidates caches."""
+    from medsynth.utils.hashing import sha256_json
+
+    entries = sorted(
+        (str(p.relative_to(root)), p.stat().st_size, int(p.stat().st_mtime)) for p in root.rglob("*") if p.is_file()
+    )
+    return sha256_json(entries)
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+def prepare_manifest(work: str, data: dict[str, Any], seed: int, data_root: str | None) -> dict[str, Any]:
+    """Produce the run's manifest with patient-level splits: phantom, a dataset layout, or a given manifest."""
+    from medsynth.data.splits import assign_splits
+
+    source = data["source"]
+    inputs: dict[str, Any] = {"data": data, "seed": seed}
+    root: Path | None = None
+    if source in ("layout", "manifest"):
+        if data_root is None and not Path(data.get("root") or data.get("manifest") or "").is_absolute():
+            raise ConfigError(
+                f"data.source is {source!r}: give --data-root or set ${data['data_root_env']} to the data folder"
+            )
+        base = Path(data_root) if data_root else Path("/")
+        target = base / (data["root"] or "") if source == "layout" else base / data["manifest"]
+        if not target.exists():
+            raise ConfigError(f"data.{'root' if source == 'layout' else 'manifest'}: {target} does not exist")
+        root = target
+        inputs["fingerprint"] = _tree_fingerprint(target) if target.is_dir() else sha256_file(target)
+        inputs["target"] = str(target.resolve())
+
+    def build(tmp: Path) -> dict[str, Any]:
+        if source == "phantom":
+            from medsynth.phantom import generate_dataset
+
+            ph = data["phantom"]
+            src_manifest = generate_dataset(
+                tmp / "phantom", subjects=ph["subjects"], contrast=ph["contrast"], scanner=ph["scanner"], seed=seed
+            )
+            df = read_manifest(src_manifest)
+            df_root = Path(src_manifest).parent
+        elif source == "layout":
+            from medsynth.data.layouts import build_manifest
+
+            df = build_manifest(data["layout"], root, lenient=data["lenient"])
+            df_root = root
+        else:
+            df, df_root = load_manifest(root, lenient=data["lenient"])
+        df = _limit_subjects(df, data.get("max_subjects"), seed)
+        if (df["split"] == "").any():
+            df = assign_splits(df, fractions=data["splits"], seed=seed)
+        write_manifest(df, tmp / "manifest.csv", data_root=df_root)
+        counts = df.drop_duplicates("subject_id")["split"].value_counts().to_dict()
+        return {"path": "manifest.csv", "subjects": counts, "rows": len(df)}
+
+    record = run_stage(work, "prepare", inputs, build)
+    record["sha256"] = sha256_file(artefact(record))
+    return record
+
+
+def _limit_subjects(df: pd.DataFrame, max_subjects: int | None, seed: int) -> pd.DataFrame:
+    subjects = df.drop_duplicates("subject_id")
+    if not max_subjects or len(subjects) <= max_subjects:
+        return df
+    rng = np.random.default_rng(seed)
+    # round-robin over pathology groups keeps the subsample stratified
+    groups = [g["subject_id"].tolist() for _, g in subjects.groupby("pathology", sort=True)]
+    for g in groups:
+        rng.shuffle(g)
+    keep: list[str] = []
+    while len(keep) < max_subjects:
+        for g in groups:
+            if g and len(keep) < max_subjects:
+                keep.append(g.pop())
+    return df[df["subject_id"].isin(keep)].reset_index(drop=True)
+
+
+def list_subjects(manifest_record: dict[str, Any]) -> list[str]:
+    return sorted(read_manifest(artefact(manifest_record))["subject_id"].unique().tolist())
+
+
+def preprocess_subject(
+    work: str, manifest_record: dict[str, Any], subject_id: str, preprocess: dict[str, Any], lenient: bool = False
+) -> dict[str, Any]:
+    """Slices of one subject (all its image–label pairs) as an npz SliceSet."""
+    from medsynth.data.preprocess import PreprocessConfig, slices_from_manifest
+
+    inputs = {"manifest": manifest_record["sha256"], "subject": subject_id, "preprocess": preprocess}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        mpath = artefact(manifest_record)
+        df = read_manifest(mpath)
+        root = resolve_data_root(mpath)
+        rows = df[df["subject_id"] == subject_id]
+        slices = slices_from_manifest(rows, root, PreprocessConfig(**preprocess), manifest=str(mpath), lenient=lenient)
+        slices.save(tmp / "slices.npz")
+        return {"path": "slices.npz", "n": len(slices)}
+
+    return run_stage(work, "preprocess", inputs, build)
+
+
+def merge_slices(work: str, subject_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Gather per-subject slices into train / val / test sets (by the manifest's patient-level split)."""
+    inputs = {"subjects": sorted(r["key"] for r in subject_records)}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        parts = [SliceSet.load(artefact(r)) for r in subject_records]
+        parts = [p for p in parts if len(p)]
+        allset = SliceSet.concat(parts)
+        out: dict[str, Any] = {"counts": {}}
+        for split in ("train", "val", "test"):
+            sub = allset.split(split)
+            sub.save(tmp / f"{split}.npz")
+            out[split] = f"{split}.npz"
+            out["counts"][split] = {"slices": len(sub), "subjects": int(sub.meta["subject_id"].nunique())}
+        return out
+
+    return run_stage(work, "slices", inputs, build)
+
+
+def load_split(slices_record: dict[str, Any], split: str) -> SliceSet:
+    return SliceSet.load(artefact(slices_record, split))
+
+
+# ---- models ---------------------------------------------------------------------------------------------
+def fit_model(work: str, slices_record: dict[str, Any], spec: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Fit one generative family on the training split (or its healthy subjects) and save it."""
+    from medsynth.models.registry import create_model
+
+    inputs = {"slices": slices_record["key"], "spec": spec, "seed": seed}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        train = load_split(slices_record, "train")
+        val = load_split(slices_record, "val")
+        if spec.get("fit_on") == "healthy_train":
+            train = train.subset(train.meta["pathology"].isin(HEALTHY).to_numpy())
+            val = val.subset(val.meta["pathology"].isin(HEALTHY).to_numpy())
+            if len(train) == 0:
+                raise ConfigError(f"models[{spec['family']}].fit_on: no healthy subjects in the training split")
+        model = create_model(spec["family"], spec.get("params") or {})
+        report = model.fit(train, val if len(val) else None, seed=seed)
+        model.save(tmp / "model")
+        (tmp / "fit_report.json").write_text(json.dumps(report, indent=2, default=str))
+        return {
+            "path": "model",
+            "family": model.family,
+            "name": spec.get("name") or spec["family"],
+            "model_hash": model.model_hash,
+            "conditional": model.conditional,
+            "capabilities": sorted(model.capabilities),
+        }
+
+    return run_stage(work, "models", inputs, build)
+
+
+def synthesize(
+    work: str, model_record: dict[str, Any], slices_record: dict[str, Any], synthesis: dict[str, Any], seed: int
+) -> dict[str, Any]:
+    """Draw ``synthesis.n`` slices. Label-conditioned families get seeded deformations of real training labels."""
+    from medsynth.models.registry import load_model
+
+    inputs = {"model": model_record["key"], "slices": slices_record["key"], "synthesis": synthesis, "seed": seed}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        model = load_model(artefact(model_record))
+        n = int(synthesis["n"])
+        train = load_split(slices_record, "train")
+        rng = np.random.default_rng(seed)
+        source_idx = rng.integers(0, len(train), size=n)
+        deform = RandomLabelDeformation(**synthesis.get("labels", {}))
+        labels = np.stack([deform(train.labels[i], rng)[0] for i in source_idx]) if model.conditional else None
+        samples = model.sample(n, labels=labels, seed=seed)
+        has_labels = samples.labels is not None
+        out_labels = samples.labels if has_labels else np.zeros((n, *samples.images.shape[2:]), np.uint8)
+        src = train.meta.iloc[source_idx].reset_index(drop=True)
+        name = model_record["name"]
+        meta = pd.DataFrame(
+            {
+                "subject_id": [f"syn_{name}_{i:05d}" for i in range(n)],
+                "case": [f"syn_{name}_{i:05d}" for i in range(n)],
+                "slice_index": "0",
+                "dataset": "synthetic",
+                "modality": src["modality"],
+                "vendor": src["vendor"],
+                "phase": src["phase"],
+                "pathology": src["pathology"] if model.conditional else "unknown",
+                "split": "train",
+                "record": src["record"],
+                "source": "synthetic",
+                "family": model.family,
+                "model_hash": model_record["model_hash"],
+                "seed": str(seed),
+                "source_case": src["case"] if model.conditional else "",
+            }
+        )
+        SliceSet(samples.images.astype(np.float32), out_labels.astype(np.uint8), meta).save(tmp / "synthetic.npz")
+        return {"path": "synthetic.npz", "n": n, "has_labels": has_labels, "name": name, "family": model.family}
+
+    return run_stage(work, "synthesis", inputs, build)

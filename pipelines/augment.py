@@ -1,0 +1,95 @@
+"""The ``augment`` flow (the main job): data → slices → models → synthetic pairs → scores → dataset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from medsynth.utils.hashing import sha256_json
+from pipelines import tasks as t
+
+
+@flow(name="medsynth-augment", log_prints=False)
+def augment_flow(config: dict[str, Any], work: str, out: str, data_root: str | None = None) -> dict[str, Any]:
+    """Run the augmentation pipeline for a resolved config (``RunConfig.model_dump()``).
+
+    ``work`` holds the per-stage artefacts (the resumable cache), ``out`` the final ``<run_name>/`` folder.
+    """
+    logger = get_run_logger()
+    seed = config["seed"]
+    config_hash = sha256_json(config)[:16]
+
+    manifest = t.run_one(t.prepare_manifest, work=work, data=config["data"], seed=seed, data_root=data_root)
+    logger.info("manifest: %s rows, subjects per split %s", manifest["rows"], manifest["subjects"])
+    subjects = t.list_subjects(manifest)
+    per_subject = t.run_many(
+        t.preprocess_subject,
+        [
+            {
+                "work": work,
+                "manifest_record": manifest,
+                "subject_id": s,
+                "preprocess": config["preprocess"],
+                "lenient": config["data"]["lenient"],
+            }
+            for s in subjects
+        ],
+    )
+    slices = t.run_one(t.merge_slices, work=work, subject_records=per_subject)
+    logger.info("slices per split: %s", slices["counts"])
+
+    models = t.run_many(
+        t.fit_model, [{"work": work, "slices_record": slices, "spec": m, "seed": seed} for m in config["models"]]
+    )
+    synthetic = t.run_many(
+        t.synthesize,
+        [
+            {"work": work, "model_record": m, "slices_record": slices, "synthesis": config["synthesis"], "seed": seed}
+            for m in models
+        ],
+    )
+
+    evaluation = config["evaluation"]
+    fidelity = []
+    if evaluation["fidelity"]["enabled"]:
+        fidelity = t.run_many(
+            t.score_fidelity,
+            [
+                {"work": work, "slices_record": slices, "synth_record": s, "cfg": evaluation["fidelity"]}
+                for s in synthetic
+            ],
+        )
+    segmentation = []
+    seg = evaluation["segmentation"]
+    if seg["enabled"]:
+        labelled = [s for s in synthetic if s["has_labels"]]
+        calls = []
+        for arm in seg["arms"]:
+            for s in seg["seeds"]:
+                calls.append(
+                    {
+                        "work": work,
+                        "slices_record": slices,
+                        "synth_records": [] if arm == "real" else labelled,
+                        "arm": arm,
+                        "seed": s,
+                        "params": seg["params"],
+                    }
+                )
+        segmentation = t.run_many(t.segmentation_arm, calls)
+
+    result = t.write_augment_outputs(
+        work=work,
+        out=out,
+        config=config,
+        config_hash=config_hash,
+        manifest_record=manifest,
+        slices_record=slices,
+        model_records=models,
+        synth_records=synthetic,
+        fidelity_records=fidelity,
+        segmentation_records=segmentation,
+    )
+    logger.info("wrote %s (%s cases, %s synthetic)", result["path"], result["cases"], result["synthetic_cases"])
+    return result
