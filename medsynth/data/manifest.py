@@ -133,7 +133,8 @@ def validate_manifest(
     warning (a split that leaks a subject is always an error: it would silently bias every evaluation).
     """
     problems: list[tuple[int, str]] = []
-    dup = df.duplicated(subset=["image", "label"], keep="first")
+    # M&Ms ED and ES rows share one 4-D file and differ by frame
+    dup = df.duplicated(subset=[c for c in ("image", "label", "frame") if c in df.columns], keep="first")
     for i in df.index[dup]:
         problems.append((i, f"duplicate row for image {df.at[i, 'image']!r}"))
     for i, row in df.iterrows():

@@ -24,6 +24,10 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target}: already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # mkdtemp creates 0700; outputs should get the usual permissions
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
     except BaseException:
