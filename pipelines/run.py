@@ -27,12 +27,16 @@ def run_config(config_path: str | Path, data_root: str | None = None, out: str |
     return run_flow(cfg.model_dump(mode="json"), str(work), str(out_dir), str(root) if root else None)
 
 
-def run_flow(config: dict[str, Any], work: str, out: str, data_root: str | None) -> dict[str, Any]:
-    """Run a resolved config dict (``RunConfig.model_dump(mode='json')``) with its task runner."""
+def run_flow(
+    config: dict[str, Any], work: str, out: str, data_root: str | None, return_state: bool = False
+) -> Any:
+    """Run a resolved config dict (``RunConfig.model_dump(mode='json')``) with its task runner.
+
+    Returns the flow's result record, or its Prefect state with ``return_state``."""
     from pipelines.anomaly import anomaly_flow
     from pipelines.augment import augment_flow
     from pipelines.runtime import make_task_runner
 
     flows = {"augment": augment_flow, "anomaly": anomaly_flow}
     chosen = flows[config["flow"]].with_options(task_runner=make_task_runner(config["runner"]))
-    return chosen(config=config, work=work, out=out, data_root=data_root)
+    return chosen(config=config, work=work, out=out, data_root=data_root, return_state=return_state)
