@@ -37,8 +37,9 @@ def anomaly_flow(config: dict[str, Any], work: str, out: str, data_root: str | N
     scores = t.run_many(t.score_anomaly, [{"work": work, "slices_record": slices, "model_record": m} for m in models])
     baselines = []
     if config["evaluation"]["anomaly"]["baselines"]:
-        baselines = [t.run_one(t.anomaly_baselines, work=work, slices_record=slices)]
+        baselines = [t.run_one(t.anomaly_baselines, work=work, slices_record=slices, seed=seed)]
     result = t.write_anomaly_outputs(
+        work=work,
         out=out,
         config=config,
         config_hash=sha256_json(config)[:16],

@@ -27,9 +27,7 @@ def run_config(config_path: str | Path, data_root: str | None = None, out: str |
     return run_flow(cfg.model_dump(mode="json"), str(work), str(out_dir), str(root) if root else None)
 
 
-def run_flow(
-    config: dict[str, Any], work: str, out: str, data_root: str | None, return_state: bool = False
-) -> Any:
+def run_flow(config: dict[str, Any], work: str, out: str, data_root: str | None, return_state: bool = False) -> Any:
     """Run a resolved config dict (``RunConfig.model_dump(mode='json')``) with its task runner.
 
     Returns the flow's result record, or its Prefect state with ``return_state``."""

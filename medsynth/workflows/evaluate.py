@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from medsynth.data.slices import SliceSet
-from medsynth.workflows.outputs import write_run_outputs
+from medsynth.workflows.outputs import write_report_outputs, write_run_outputs
 from medsynth.workflows.stage import artefact, run_stage
 from medsynth.workflows.stages import load_split
 
@@ -205,3 +205,88 @@ def _publish_artifacts(run_name: str, report: str, summary: pd.DataFrame | None)
     if summary is not None:
         records = json.loads(summary.to_json(orient="records"))
         create_table_artifact(table=records, key=f"{key}-segmentation", description="segmentation summary")
+
+
+# ---- anomaly ---------------------------------------------------------------------------------------------
+def score_anomaly(work: str, slices_record: dict[str, Any], model_record: dict[str, Any]) -> dict[str, Any]:
+    """Score the held-out test split with a model fitted on healthy training subjects."""
+    from medsynth.evaluation.anomaly import comparison_table, has_scar_info, score_model, slice_table, subject_table
+    from medsynth.models.registry import load_model
+
+    inputs = {"slices": slices_record["key"], "model": model_record["key"]}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        model = load_model(artefact(model_record))
+        test = _reference_split(slices_record)
+        scores = score_model(model, test)
+        sdf = slice_table(test, scores)
+        sdf.to_csv(tmp / "slice_scores.csv", index=False)
+        subject_table(sdf).to_csv(tmp / "subject_scores.csv", index=False)
+        out = {"path": "slice_scores.csv", "subjects": "subject_scores.csv", "name": model_record["name"]}
+        if has_scar_info(test):
+            table = comparison_table({model_record["name"]: scores}, test, include_baselines=False)
+            table.to_csv(tmp / "metrics.csv", index=False)
+            out["metrics"] = "metrics.csv"
+        return out
+
+    return run_stage(work, "anomaly", inputs, build)
+
+
+def anomaly_baselines(work: str, slices_record: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """n-SD (2, 3, 5), FWHM and the GMM scar posterior (fitted on the labelled training split) on the test split."""
+    from medsynth.evaluation.anomaly import BASELINE_THRESHOLD, baseline_scores, evaluate_scores, has_scar_info
+    from medsynth.models.registry import create_model
+
+    inputs = {"slices": slices_record["key"], "seed": seed}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        test = _reference_split(slices_record)
+        train = load_split(slices_record, "train")
+        gmm = None
+        if has_scar_info(train):
+            gmm = create_model("gmm")
+            gmm.fit(train, None, seed=seed)
+        rows = [
+            evaluate_scores(test, scores, name, threshold=BASELINE_THRESHOLD)
+            for name, scores in baseline_scores(test, gmm).items()
+        ]
+        pd.DataFrame(rows).to_csv(tmp / "metrics.csv", index=False)
+        return {"path": "metrics.csv", "metrics": "metrics.csv", "name": "baselines"}
+
+    return run_stage(work, "anomaly_baselines", inputs, build)
+
+
+def write_anomaly_outputs(
+    work: str,
+    out: str,
+    config: dict[str, Any],
+    config_hash: str,
+    slices_record: dict[str, Any],
+    score_records: list[dict[str, Any]],
+    baseline_records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """``OUT/<run_name>/``: metrics/anomaly_metrics.csv (one row per method), per-model scores, report."""
+    staging = Path(work) / "report"
+    staging.mkdir(parents=True, exist_ok=True)
+    tables: dict[str, str] = {}
+    metric_parts = [pd.read_csv(artefact(r, "metrics")) for r in score_records + baseline_records if "metrics" in r]
+    sections = [
+        f"# medsynth anomaly run `{config['run_name']}`",
+        "",
+        f"Config hash `{config_hash}`, seed {config['seed']}. Models fitted on healthy training subjects;",
+        f"scored on the held-out test split ({slices_record['counts']['test']}).",
+    ]
+    if metric_parts:
+        metrics = pd.concat(metric_parts, ignore_index=True)
+        metrics.to_csv(staging / "anomaly_metrics.csv", index=False)
+        tables["anomaly_metrics"] = str(staging / "anomaly_metrics.csv")
+        sections += ["", "## Scar detection (slice / case AUROC, pixel AUPRC / Dice)", _markdown_table(metrics)]
+    for r in score_records:
+        for key in ("path", "subjects"):
+            dest = staging / f"{r['name']}_{'slice' if key == 'path' else 'subject'}_scores.csv"
+            dest.write_bytes(artefact(r, key).read_bytes())
+            tables[dest.stem] = str(dest)
+    report = "\n".join(sections) + "\n"
+    result = write_report_outputs(out, config["run_name"], config, tables, report, [])
+    _publish_artifacts(config["run_name"], report, None)
+    return result

@@ -84,6 +84,36 @@ def _label_map_name(remap: dict[int, int]) -> str:
     raise ValueError(f"no known label map matches the renumbering {remap}; add one to medsynth.labels")
 
 
+def write_common_outputs(
+    tmp: Path, config: dict[str, Any], metric_tables: dict[str, str], report_md: str, figures: list[str]
+) -> None:
+    """``metrics/``, ``figures/``, ``report.md``, ``config.yaml`` and ``versions.json`` into a run folder."""
+    (tmp / "metrics").mkdir()
+    for name, path in metric_tables.items():
+        shutil.copy(path, tmp / "metrics" / f"{name}.csv")
+    (tmp / "figures").mkdir()
+    for fig in figures:
+        shutil.copy(fig, tmp / "figures" / Path(fig).name)
+    (tmp / "report.md").write_text(report_md)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (tmp / "versions.json").write_text(json.dumps(package_versions(), indent=2))
+
+
+def write_report_outputs(
+    out_root: str,
+    run_name: str,
+    config: dict[str, Any],
+    metric_tables: dict[str, str],
+    report_md: str,
+    figures: list[str],
+) -> dict[str, Any]:
+    """A run folder without a dataset (e.g. the anomaly flow), written atomically."""
+    target = Path(out_root) / run_name
+    with atomic_dir(target) as tmp:
+        write_common_outputs(tmp, config, metric_tables, report_md, figures)
+    return {"path": str(target)}
+
+
 def write_run_outputs(
     out_root: str,
     run_name: str,
@@ -142,16 +172,7 @@ def write_run_outputs(
                 }
             )
         write_manifest(pd.DataFrame(rows), tmp / "manifest.csv", data_root=tmp / "dataset")
-        # the header must point at the final folder, not the temporary one: both are siblings, so the
-        # relative path written above ("dataset") stays right after the rename.
-        (tmp / "metrics").mkdir()
-        for name, path in metric_tables.items():
-            shutil.copy(path, tmp / "metrics" / f"{name}.csv")
-        (tmp / "figures").mkdir()
-        for fig in figures:
-            shutil.copy(fig, tmp / "figures" / Path(fig).name)
-        (tmp / "report.md").write_text(report_md)
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        (tmp / "versions.json").write_text(json.dumps(package_versions(), indent=2))
+        # the header records "dataset" relative to the manifest: still right after the rename
+        write_common_outputs(tmp, config, metric_tables, report_md, figures)
     n_syn = sum(1 for _, m in cases if m.get("source") == "synthetic")
     return {"path": str(target), "cases": len(cases), "synthetic_cases": n_syn}
