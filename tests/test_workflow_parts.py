@@ -120,7 +120,9 @@ def test_run_config_rejects_unknown_keys(tmp_path: Path) -> None:
         load_run_config(bad)
 
 
-@pytest.mark.parametrize("name", ["quickstart", "acdc_augment", "emidec_scar", "emidec_anomaly", "dask_local"])
+@pytest.mark.parametrize(
+    "name", ["quickstart", "acdc_augment", "emidec_scar", "emidec_anomaly", "phantom_anomaly", "dask_local"]
+)
 def test_shipped_configs_validate(name: str) -> None:
     from medsynth.workflows.config import load_run_config
 

@@ -109,9 +109,10 @@ def _sample_grid(real: SliceSet, synth_sets: list[tuple[str, SliceSet]], path: P
             ax.axis("off")
             if c < len(idx):
                 i = idx[c]
-                ax.imshow(s.images[i, 0].T, cmap="gray", vmin=0, vmax=1.2, origin="lower")
+                # slices are stored in display orientation (rows = H, columns = W)
+                ax.imshow(s.images[i, 0], cmap="gray", vmin=0, vmax=1.2)
                 if s.labels[i].any():
-                    ax.contour(s.labels[i].T, levels=np.arange(0.5, 6), linewidths=0.5, cmap="autumn", origin="lower")
+                    ax.contour(s.labels[i], levels=np.arange(0.5, 6), linewidths=0.5, cmap="autumn")
         axes[r, 0].set_title(name, fontsize=8, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

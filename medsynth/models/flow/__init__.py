@@ -1,0 +1,1 @@
+"""Normalizing-flow family (Glow-style)."""

@@ -1,0 +1,385 @@
+"""Autoencoder families: AE, denoising AE, VAE / β-VAE and a label-conditioned VAE.
+
+All work on slices resized to ``image_size`` × ``image_size`` (area averaging; default 64 to stay CPU-feasible);
+outputs (samples, score maps) are resized back to the native training / input size.
+
+- **AE / DAE / VAE** use MONAI's ``VarAutoEncoder`` (strided conv encoder → dense latent → transposed-conv
+  decoder; ``use_sigmoid=False`` because SliceSet intensities are not bounded by 1 — scar is brighter than the
+  99th percentile). The AE and DAE use the posterior-mean head only (deterministic code, no KL); the VAE adds the
+  reparameterisation trick with our own seeded noise and the analytic Gaussian KL.
+- **DAE** corrupts inputs with *coarse* Gaussian noise (drawn at ``noise_res`` × ``noise_res`` and upsampled),
+  which Kascenas et al. (MIDL 2022) found better than pixel noise for anomaly detection; ``noise_res: null``
+  gives i.i.d. pixel noise.
+- **cVAE**: MONAI's VarAutoEncoder has no way to feed the condition to the decoder, so the conditional net is a
+  small custom encoder/decoder built from MONAI ``Convolution`` blocks: the encoder sees image + one-hot label
+  map, the decoder upsamples ``z`` and concatenates the one-hot label map at every scale (SPADE-lite). It
+  generates an image for a given label map (``conditional = True``).
+
+Loss: reconstruction NLL of a fixed-scale decoder — L2: Gaussian with σ = ``recon_scale``; L1: Laplace with
+b = ``recon_scale`` — plus ``β``·KL (VAE/cVAE), with β linearly annealed from 0 over ``kl_anneal_steps``; the
+sum over pixels is divided by the pixel count for a well-scaled optimiser. With β = 1 the (negated) loss is the
+ELBO, which ``fit`` reports on held-out data in nats per slice and bits/dim (1/256 quantisation as the flow).
+
+Unconditional sampling: VAE draws ``z ~ N(0, I)``; AE and DAE draw ``z`` from a full-covariance Gaussian fitted
+to the training codes (an AE has no prior of its own).
+
+Anomaly ``score``: reconstruction error. Pixel map ``|x − x̂|`` (x̂ from the posterior mean); slice score the mean
+squared error over the whole slice. Maps are not restricted to the myocardium here; the evaluation
+(:mod:`medsynth.evaluation.anomaly`) restricts pixel metrics to the LV wall. The cVAE reconstructs from the
+slice's label map with scar/MVO relabelled as healthy myocardium — the healthy counterpart the model expects.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from monai.networks.nets import VarAutoEncoder
+from pydantic import Field
+from torch import nn
+
+from medsynth.config import StrictModel
+from medsynth.data.slices import SliceSet
+from medsynth.errors import LabelError
+from medsynth.labels import MVO, MYO, N_CLASSES, SCAR
+from medsynth.models.base import AnomalyScores, GenerativeModel, Samples
+from medsynth.models.latent.common import check_slices, labels_to_size, maps_to_size, one_hot, to_size
+from medsynth.models.training import train_loop
+from medsynth.utils.seeding import seed_everything
+
+log = logging.getLogger(__name__)
+LOG_BIN = math.log(256.0)
+
+
+class AEConfig(StrictModel):
+    image_size: int = Field(64, ge=8, description="working size (square), must be divisible by prod(strides)")
+    latent_size: int = Field(32, ge=1)
+    channels: tuple[int, ...] = Field((16, 32, 64), min_length=1)
+    strides: tuple[int, ...] = Field((2, 2, 2), min_length=1)
+    steps: int = Field(1500, ge=0, description="optimizer steps")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    recon_loss: Literal["l2", "l1"] = "l2"
+    recon_scale: float = Field(0.1, gt=0, description="σ (L2, Gaussian) or b (L1, Laplace) of the decoder")
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = Field(200, ge=0)
+    progress: bool = True
+
+
+class DAEConfig(AEConfig):
+    noise_std: float = Field(0.2, ge=0, description="std of the input corruption")
+    noise_res: int | None = Field(16, ge=1, description="grid of the coarse noise; null = per-pixel noise")
+
+
+class VAEConfig(AEConfig):
+    beta: float = Field(1.0, ge=0, description="KL weight (β-VAE when ≠ 1)")
+    kl_anneal_steps: int = Field(0, ge=0, description="linear β warm-up from 0 over this many steps")
+
+
+class CVAEConfig(VAEConfig):
+    pass
+
+
+class CondVAENet(nn.Module):
+    """Conditional VAE on (1, s, s) images and (K, s, s) one-hot label maps; the decoder sees the labels at
+    every scale."""
+
+    def __init__(self, size: int, latent: int, channels: tuple[int, ...], strides: tuple[int, ...], k: int) -> None:
+        super().__init__()
+        self.k, self.channels = k, channels
+        self.final = size // int(np.prod(strides))
+        enc, c_in = [], 1 + k
+        for c, s in zip(channels, strides, strict=True):
+            enc.append(Convolution(2, c_in, c, strides=s, kernel_size=3, act="PRELU", norm="INSTANCE"))
+            c_in = c
+        self.encoder = nn.Sequential(*enc)
+        flat = channels[-1] * self.final**2
+        self.mu, self.logvar = nn.Linear(flat, latent), nn.Linear(flat, latent)
+        self.from_z = nn.Linear(latent, flat)
+        self.ups = nn.ModuleList()
+        rev = list(channels[::-1]) + [channels[0]]
+        for i, s in enumerate(strides[::-1]):
+            self.ups.append(
+                nn.Sequential(
+                    Convolution(2, rev[i] + k, rev[i + 1], strides=s, kernel_size=3, is_transposed=True, act="PRELU"),
+                    Convolution(2, rev[i + 1], rev[i + 1], kernel_size=3, act="PRELU", norm="INSTANCE"),
+                )
+            )
+        self.head = Convolution(2, rev[-1] + k, 1, kernel_size=3, conv_only=True)
+
+    def encode_forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(torch.cat([x, cond], dim=1)).flatten(1)
+        return self.mu(h), self.logvar(h)
+
+    def decode_forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.from_z(z)).view(len(z), self.channels[-1], self.final, self.final)
+        for up in self.ups:
+            h = up(torch.cat([h, F.interpolate(cond, size=h.shape[-2:], mode="area")], dim=1))
+        return self.head(torch.cat([h, cond], dim=1))
+
+
+class AEModel(GenerativeModel):
+    """Deterministic autoencoder (MONAI VarAutoEncoder, mean head only); scores by reconstruction error."""
+
+    family: ClassVar[str] = "ae"
+    Config: ClassVar[type[StrictModel]] = AEConfig
+    conditional: ClassVar[bool] = False
+    capabilities: ClassVar[frozenset[str]] = frozenset({"score"})
+    variational: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        cfg = self.config
+        if len(cfg.channels) != len(cfg.strides):
+            raise ValueError(f"channels/strides: lengths differ ({len(cfg.channels)} vs {len(cfg.strides)})")
+        if cfg.image_size % int(np.prod(cfg.strides)):
+            raise ValueError(f"image_size: {cfg.image_size} is not divisible by prod(strides)={np.prod(cfg.strides)}")
+        self.net: nn.Module | None = None
+        self.native: tuple[int, int] = (cfg.image_size, cfg.image_size)
+        self.code_mean: np.ndarray | None = None  # AE/DAE: Gaussian over training codes
+        self.code_chol: np.ndarray | None = None
+
+    # ---- network -------------------------------------------------------------------------------------
+    def _build(self) -> nn.Module:
+        cfg = self.config
+        return VarAutoEncoder(
+            spatial_dims=2,
+            in_shape=(1, cfg.image_size, cfg.image_size),
+            out_channels=1,
+            latent_size=cfg.latent_size,
+            channels=cfg.channels,
+            strides=cfg.strides,
+            use_sigmoid=False,
+        )
+
+    def _inputs(self, slices: SliceSet) -> torch.Tensor:
+        """(N, 1[+1], s, s) training tensor; the cVAE appends its label map as a second channel."""
+        return torch.from_numpy(to_size(slices.images, self.config.image_size))
+
+    def _encode(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.encode_forward(batch[:, :1])
+
+    def _decode(self, z: torch.Tensor, batch: torch.Tensor | None) -> torch.Tensor:
+        return self.net.decode_forward(z, use_sigmoid=False)
+
+    def _corrupt(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _recon_nll(self, x: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
+        """Per-slice reconstruction NLL (nats) of the fixed-scale Gaussian (L2) / Laplace (L1) decoder."""
+        b = self.config.recon_scale
+        d = x[0].numel()
+        if self.config.recon_loss == "l2":
+            return ((x - xhat) ** 2).flatten(1).sum(1) / (2 * b * b) + d * (math.log(b) + 0.5 * math.log(2 * math.pi))
+        return (x - xhat).abs().flatten(1).sum(1) / b + d * math.log(2 * b)
+
+    # ---- fitting -------------------------------------------------------------------------------------
+    def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
+        check_slices(train, self.family)
+        cfg = self.config
+        seed_everything(seed)
+        self.net = self._build()
+        self.native = train.image_size
+        data = self._inputs(train)
+        opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        d = cfg.image_size**2
+
+        def loss_fn(batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+            x = batch[:, :1]
+            inp = torch.cat([self._corrupt(x), batch[:, 1:]], dim=1)
+            mu, logvar = self._encode(inp)
+            if self.variational:
+                z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+                kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
+                beta = cfg.beta * (min(1.0, (step + 1) / cfg.kl_anneal_steps) if cfg.kl_anneal_steps else 1.0)
+            else:
+                z, kl, beta = mu, torch.zeros(len(mu)), 0.0
+            rec = self._recon_nll(x, self._decode(z, batch))
+            loss = (rec + beta * kl).mean() / d
+            return loss, {"recon_nll": float(rec.detach().mean()), "kl": float(kl.detach().mean()), "beta": beta}
+
+        t0 = time.perf_counter()
+        res = train_loop(
+            self.net, opt, data, loss_fn, cfg.steps, cfg.batch_size, seed=seed, checkpoint_dir=cfg.checkpoint_dir,
+            checkpoint_every=cfg.checkpoint_every, desc=f"fit {self.family}", progress=cfg.progress,
+        )  # fmt: skip
+        elapsed = time.perf_counter() - t0
+        self.net.eval()
+        if not self.variational:
+            codes = self._codes(data).astype(np.float64)
+            self.code_mean = codes.mean(0).astype(np.float32)
+            cov = np.cov(codes, rowvar=False).reshape(len(self.code_mean), -1) if len(codes) > 1 else np.eye(1)
+            cov = cov + 1e-4 * np.eye(len(cov))
+            self.code_chol = np.linalg.cholesky(cov).astype(np.float32)
+        self.fitted = True
+        trained = res.step - res.resumed_from
+        report: dict[str, Any] = {
+            "family": self.family,
+            "n_train": len(train),
+            "steps": res.step,
+            "resumed_from": res.resumed_from,
+            "loss_first": res.losses[0] if res.losses else None,
+            "loss_last": float(np.mean(res.losses[-20:])) if res.losses else None,
+            "train_images_per_s": trained * min(cfg.batch_size, len(train)) / elapsed if trained else None,
+            **{f"last_{k}": v for k, v in res.logs.items()},
+        }
+        if val is not None and len(val):
+            report.update(self.evaluate(val))
+        return report
+
+    @torch.no_grad()
+    def _codes(self, data: torch.Tensor) -> np.ndarray:
+        return torch.cat([self._encode(b)[0] for b in data.split(64)]).numpy()
+
+    @torch.no_grad()
+    def _reconstruct(self, data: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._decode(self._encode(b)[0], b) for b in data.split(64)])
+
+    @torch.no_grad()
+    def evaluate(self, slices: SliceSet) -> dict[str, float]:
+        """Held-out reconstruction MSE, and for variational families the ELBO (nats/slice and bits/dim).
+
+        The ELBO is estimated with one posterior sample per slice from a fixed seed."""
+        self._require_fitted()
+        data = self._inputs(slices)
+        x = data[:, :1]
+        out = {"val_recon_mse": float(((self._reconstruct(data) - x) ** 2).mean())}
+        if self.variational:
+            g = torch.Generator().manual_seed(0)
+            elbos = []
+            for b in data.split(64):
+                mu, logvar = self._encode(b)
+                z = mu + torch.randn(mu.shape, generator=g) * torch.exp(0.5 * logvar)
+                kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
+                elbos.append(-(self._recon_nll(b[:, :1], self._decode(z, b)) + kl))
+            elbo = torch.cat(elbos)
+            d = x[0].numel()
+            out["val_elbo_nats"] = float(elbo.mean())
+            out["val_elbo_bits_per_dim"] = float(((-elbo + d * LOG_BIN) / (d * math.log(2))).mean())
+        return out
+
+    def _score_inputs(self, slices: SliceSet) -> torch.Tensor:
+        return self._inputs(slices)
+
+    # ---- contract ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, labels: np.ndarray | None = None, seed: int = 0) -> Samples:
+        self._require_fitted()
+        if n < 0:
+            raise ValueError(f"n: must be >= 0, got {n}")
+        g = torch.Generator().manual_seed(seed)
+        eps = torch.randn((n, self.config.latent_size), generator=g)
+        if not self.variational:
+            eps = torch.from_numpy(self.code_mean) + eps @ torch.from_numpy(self.code_chol).T
+        x = self._decode(eps, None).numpy() if n else np.zeros((0, 1, *self.native), np.float32)
+        images = maps_to_size(x[:, 0], self.native)[:, None] if n else x
+        return Samples(images=images.astype(np.float32), labels=None)
+
+    @torch.no_grad()
+    def score(self, slices: SliceSet) -> AnomalyScores:
+        """Reconstruction error: slice score = MSE over the slice; pixel map = |x − x̂| at the input size."""
+        self._require_fitted()
+        data = self._score_inputs(slices)
+        err = (self._reconstruct(data) - data[:, :1])[:, 0].numpy()
+        return AnomalyScores(
+            slice_scores=(err**2).reshape(len(err), -1).mean(1).astype(np.float64),
+            pixel_maps=maps_to_size(np.abs(err), slices.image_size),
+        )
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        self._require_fitted()
+        arrays = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
+        if self.code_mean is not None:
+            arrays["code_mean"], arrays["code_chol"] = self.code_mean, self.code_chol
+        return arrays, {"native": list(self.native)}
+
+    def set_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.net = self._build()
+        self.net.load_state_dict({k[4:]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k[:4] == "net."})
+        self.net.eval()
+        self.code_mean = arrays.get("code_mean")
+        self.code_chol = arrays.get("code_chol")
+        self.native = (int(meta["native"][0]), int(meta["native"][1]))
+        self.fitted = True
+
+
+class DAEModel(AEModel):
+    """Denoising autoencoder: trained to reconstruct clean slices from coarse-noise-corrupted inputs."""
+
+    family: ClassVar[str] = "dae"
+    Config: ClassVar[type[StrictModel]] = DAEConfig
+
+    def _corrupt(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.noise_std == 0:
+            return x
+        if cfg.noise_res is None:
+            return x + cfg.noise_std * torch.randn_like(x)
+        noise = torch.randn((len(x), 1, cfg.noise_res, cfg.noise_res))
+        return x + cfg.noise_std * F.interpolate(noise, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class VAEModel(AEModel):
+    """Variational autoencoder / β-VAE (MONAI VarAutoEncoder), analytic KL, optional KL annealing."""
+
+    family: ClassVar[str] = "vae"
+    Config: ClassVar[type[StrictModel]] = VAEConfig
+    variational: ClassVar[bool] = True
+
+
+class CVAEModel(VAEModel):
+    """Conditional VAE: generates an image for a given canonical label map (n, H, W)."""
+
+    family: ClassVar[str] = "cvae"
+    Config: ClassVar[type[StrictModel]] = CVAEConfig
+    conditional: ClassVar[bool] = True
+
+    def _build(self) -> nn.Module:
+        cfg = self.config
+        return CondVAENet(cfg.image_size, cfg.latent_size, cfg.channels, cfg.strides, N_CLASSES)
+
+    def _inputs(self, slices: SliceSet) -> torch.Tensor:
+        x = torch.from_numpy(to_size(slices.images, self.config.image_size))
+        lab = torch.from_numpy(labels_to_size(slices.labels, self.config.image_size).astype(np.float32))[:, None]
+        return torch.cat([x, lab], dim=1)
+
+    def _score_inputs(self, slices: SliceSet) -> torch.Tensor:
+        # Score against the healthy counterpart: scar / MVO conditioned as healthy myocardium.
+        lab = slices.labels.copy()
+        lab[np.isin(lab, (SCAR, MVO))] = MYO
+        return self._inputs(SliceSet(slices.images, lab, slices.meta))
+
+    def _cond(self, batch: torch.Tensor) -> torch.Tensor:
+        return one_hot(batch[:, 1].round().long())
+
+    def _encode(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.encode_forward(batch[:, :1], self._cond(batch))
+
+    def _decode(self, z: torch.Tensor, batch: torch.Tensor | None) -> torch.Tensor:
+        return self.net.decode_forward(z, self._cond(batch))
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: np.ndarray | None = None, seed: int = 0) -> Samples:
+        """One image per label map: ``labels`` (n, H, W) canonical codes → images (n, 1, H, W)."""
+        self._require_fitted()
+        if labels is None:
+            raise LabelError(f"{self.family}: a conditional family needs label maps (labels=(n, H, W))")
+        labels = np.asarray(labels)
+        if labels.ndim != 3 or len(labels) != n:
+            raise LabelError(f"{self.family}: labels must be (n={n}, H, W), got {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= N_CLASSES):
+            raise LabelError(f"{self.family}: labels hold codes outside 0..{N_CLASSES - 1}")
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn((n, self.config.latent_size), generator=g)
+        small = labels_to_size(labels.astype(np.uint8), self.config.image_size)
+        batch = torch.from_numpy(small.astype(np.float32))[:, None]
+        batch = torch.cat([torch.zeros_like(batch), batch], dim=1)
+        x = self._decode(z, batch).numpy() if n else np.zeros((0, 1, *labels.shape[1:]), np.float32)
+        images = maps_to_size(x[:, 0], labels.shape[1:])[:, None] if n else x
+        return Samples(images=images.astype(np.float32), labels=labels.astype(np.uint8))
