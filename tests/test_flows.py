@@ -16,13 +16,21 @@ from medsynth.workflows.config import RunConfig
 TINY = {
     "run_name": "tiny",
     "seed": 0,
-    "data": {"source": "phantom", "phantom": {"subjects": 4, "contrast": "cine"}, "splits": {"train": 0.5, "test": 0.5}},
+    "data": {
+        "source": "phantom",
+        "phantom": {"subjects": 4, "contrast": "cine"},
+        "splits": {"train": 0.5, "test": 0.5},
+    },
     "preprocess": {"size": 64, "spacing_mm": 2.5},
     "models": [{"family": "gmm"}],
     "synthesis": {"n": 6},
     "evaluation": {
         "fidelity": {"bootstrap": 5},
-        "segmentation": {"arms": ["real", "real+synthetic"], "seeds": [0], "params": {"image_size": 32, "iterations": 8}},
+        "segmentation": {
+            "arms": ["real", "real+synthetic"],
+            "seeds": [0],
+            "params": {"image_size": 32, "iterations": 8},
+        },
     },
 }
 
@@ -146,3 +154,51 @@ def test_cli_run_rejects_bad_config(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert err.startswith("medsynth: error:") and "paramz" in err and "\n" not in err
     assert not (tmp_path / "out" / "x").exists()
+
+
+def test_anomaly_flow_on_phantom_lge(prefect_harness, tmp_path: Path) -> None:
+    from pipelines.run import run_flow
+
+    cfg = _config(
+        flow="anomaly",
+        data={
+            "source": "phantom",
+            "phantom": {"subjects": 6, "contrast": "lge"},
+            "splits": {"train": 0.5, "test": 0.5},
+        },
+        models=[{"family": "ppca", "params": {"n_components": 4, "image_size": 32}}],
+    )
+    state = run_flow(cfg, str(tmp_path / "work"), str(tmp_path / "out"), None, return_state=True)
+    assert state.is_completed(), state
+    run_dir = Path(state.result()["path"])
+    metrics = pd.read_csv(run_dir / "metrics" / "anomaly_metrics.csv")
+    assert {"ppca", "ppca[wall]", "nsd2", "nsd3", "nsd5", "fwhm"} <= set(metrics["method"])
+    scores = pd.read_csv(run_dir / "metrics" / "ppca_slice_scores.csv")
+    assert np.isfinite(scores["score"]).all() and len(scores) > 0
+    assert "AUROC" in (run_dir / "report.md").read_text()
+
+
+def test_augment_flow_on_acdc_layout(prefect_harness, acdc_root: Path, tmp_path: Path) -> None:
+    """The real-data path: ACDC layout under a data root, a stratified subset of patients, patient-level splits."""
+    from pipelines.run import run_flow
+
+    cfg = _config(
+        run_name="acdc_tiny",
+        data={
+            "source": "layout",
+            "layout": "acdc",
+            "root": acdc_root.name,
+            "max_subjects": 6,
+            "splits": {"train": 0.5, "test": 0.5},
+        },
+        evaluation={"fidelity": {"bootstrap": 5}, "segmentation": {"enabled": False}},
+    )
+    state = run_flow(cfg, str(tmp_path / "work"), str(tmp_path / "out"), str(acdc_root.parent), return_state=True)
+    assert state.is_completed(), state
+    run_dir = Path(state.result()["path"])
+    _check_dataset(run_dir)
+    manifest, _ = load_manifest(run_dir / "manifest.csv")
+    real = manifest[manifest["source"] == "real"]
+    assert real["dataset"].eq("acdc").all() and real["subject_id"].nunique() == 3
+    # the 3 training patients' ED and ES volumes, no test patient
+    assert len(real) == 6
