@@ -17,6 +17,8 @@ from medsynth.workflows import stages
 from medsynth.workflows.stage import is_done
 from pipelines.runtime import cache_key
 
+# No retries: every stage is deterministic given its inputs, so a failure would only repeat. Transient
+# trouble (a worker lost on a cluster) is handled by Dask resubmitting the task.
 _CACHED = {"cache_key_fn": cache_key, "persist_result": True}
 
 prepare_manifest = task(stages.prepare_manifest, name="prepare-manifest", **_CACHED)

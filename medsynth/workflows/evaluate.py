@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from pathlib import Path
@@ -188,12 +189,13 @@ def write_augment_outputs(
     result = write_run_outputs(
         out, config["run_name"], config, config_hash, slices_record, synth_records, tables, report, [str(grid)]
     )
-    _publish_artifacts(config["run_name"], report, summary_for_artifact)
+    _publish_artifacts(config["run_name"], report, summary_for_artifact, grid)
     return result
 
 
-def _publish_artifacts(run_name: str, report: str, summary: pd.DataFrame | None) -> None:
-    """Prefect UI artifacts (the report as markdown, the metric summary as a table); no-op outside a run."""
+def _publish_artifacts(run_name: str, report: str, summary: pd.DataFrame | None, grid: Path | None = None) -> None:
+    """Prefect UI artifacts (the report as markdown with the sample grid inlined, the metric summary as a
+    table); no-op outside a Prefect run."""
     try:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
         from prefect.context import get_run_context
@@ -202,6 +204,10 @@ def _publish_artifacts(run_name: str, report: str, summary: pd.DataFrame | None)
     except Exception:  # not inside a Prefect run: nothing to publish
         return
     key = "".join(c if c.isalnum() else "-" for c in run_name.lower())
+    if grid is not None and grid.is_file():
+        # the UI cannot reach files on the worker: inline the figure
+        b64 = base64.b64encode(grid.read_bytes()).decode()
+        report = report.replace("(figures/samples.png)", f"(data:image/png;base64,{b64})")
     create_markdown_artifact(markdown=report, key=f"{key}-report", description="medsynth run report")
     if summary is not None:
         records = json.loads(summary.to_json(orient="records"))
