@@ -1,0 +1,1 @@
+"""Label-to-image synthesis, scar shape model and image degradations (bias, blur, noise, resolution)."""
