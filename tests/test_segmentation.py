@@ -1,0 +1,204 @@
+"""Downstream segmentation protocol: U-Net on the phantom, per-patient 3-D metrics, arms × seeds tables."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medsynth.config import validate
+from medsynth.data.slices import SliceSet
+from medsynth.errors import ConfigError
+from medsynth.evaluation import segmentation as seg
+from medsynth.evaluation.segmentation import (
+    SegmentationConfig,
+    build_arm,
+    per_seed_table,
+    run_segmentation_protocol,
+    select_patients,
+    summarise,
+)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> tuple[SliceSet, SliceSet]:
+    from test_fidelity import phantom_slices
+
+    s = phantom_slices(tmp_path_factory.mktemp("phantom") / "ph", subjects=8, seed=0)
+    subj = s.meta["subject_id"].unique()
+    return s.subset(s.meta["subject_id"].isin(subj[:5])), s.subset(s.meta["subject_id"].isin(subj[5:]))
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> SliceSet:
+    from test_fidelity import phantom_slices
+
+    return phantom_slices(tmp_path_factory.mktemp("phantom_syn") / "ph", subjects=3, seed=11)
+
+
+@pytest.mark.slow
+def test_unet_on_phantom_reaches_dice(phantom):
+    train, test = phantom
+    cfg = SegmentationConfig(iterations=200, batch_size=8, seeds=[0], arms=["real"], num_threads=1)
+    per_case = run_segmentation_protocol(train, test, None, cfg)
+    by_class = per_case.groupby("class")["dice"].mean()
+    assert set(by_class.index) >= {"lv", "myo", "rv"}
+    assert by_class.mean() > 0.7, by_class.to_dict()
+    assert (by_class > 0.6).all(), by_class.to_dict()
+    assert per_case["case"].nunique() == test.meta["case"].nunique()  # one row per test volume and class
+    assert (per_case["hd95_unit"] == "mm").all() and per_case["hd95"].notna().any()
+
+
+def test_arms_by_seeds_table(phantom, synthetic):
+    train, test = phantom
+    cfg = SegmentationConfig(
+        iterations=3,
+        batch_size=4,
+        image_size=32,
+        channels=(4, 8),
+        seeds=[0, 1, 2],
+        n_train_patients=2,
+        synthetic_ratio=0.5,
+        n_bootstrap=50,
+        num_threads=1,
+    )
+    per_case = run_segmentation_protocol(train, test, synthetic, cfg)
+    table = per_seed_table(per_case)
+    classes = sorted(per_case["class"].unique())
+    assert len(table) == 3 * 3 * len(classes)
+    assert set(table["arm"]) == {"real", "real+synthetic", "synthetic"}
+    assert {"dice", "hd95", "n_cases"} <= set(table.columns)
+    real_rows = table[table["arm"] == "real"]
+    assert (real_rows["n_real_patients"] == 2).all()
+    summary = summarise(per_case, n_bootstrap=50).set_index(["arm", "class"])
+    assert len(summary) == 3 * (len(classes) + 1)  # + the 'mean' class
+    assert summary.loc[("real", "mean"), "n_seeds"] == 3
+    assert np.isnan(summary.loc[("real", "mean"), "dice_diff_vs_real"])
+    other = summary.loc[("real+synthetic", "mean")]
+    assert other["dice_diff_ci_low"] <= other["dice_diff_vs_real"] <= other["dice_diff_ci_high"]
+    # no synthetic set: only the real arm runs
+    only_real = run_segmentation_protocol(train, test, None, cfg.model_copy(update={"seeds": [0]}))
+    assert set(only_real["arm"]) == {"real"}
+
+
+def test_patient_draw_and_arm_composition(phantom, synthetic):
+    train, _ = phantom
+    a, b = select_patients(train, 2, seed=0), select_patients(train, 2, seed=0)
+    assert a.meta["subject_id"].nunique() == 2 and a.meta.equals(b.meta)
+    draws = {tuple(sorted(select_patients(train, 2, seed=s).meta["subject_id"].unique())) for s in range(6)}
+    assert len(draws) > 1
+    assert len(select_patients(train, None, 0)) == len(train)
+    mixed = build_arm("real+synthetic", a, synthetic, 0.5, seed=0)
+    assert len(mixed) == len(a) + round(0.5 * len(a))
+    assert build_arm("synthetic", a, synthetic, 1.0, 0) is synthetic
+    with pytest.raises(ValueError, match="arm"):
+        build_arm("bogus", a, synthetic, 1.0, 0)
+    with pytest.raises(ValueError, match="synthetic"):
+        build_arm("synthetic", a, None, 1.0, 0)
+
+
+def test_per_case_metrics_perfect_and_shifted(phantom, monkeypatch):
+    _, test = phantom
+    size = 32
+    _, gt = seg._resize(test.images, test.labels, size)
+    gt = gt.numpy().astype(np.uint8)
+    monkeypatch.setattr(seg, "predict", lambda model, images, size_: gt)
+    perfect = seg.evaluate_cases(None, test, size)
+    assert np.allclose(perfect["dice"].dropna(), 1.0) and np.allclose(perfect["hd95"].dropna(), 0.0)
+    # record spacing: target 3 mm on a 64-px grid resized to 32 px → 6 mm pixels
+    rec = json.loads(test.meta["record"].iloc[0])
+    assert rec["target_spacing"] == [3.0, 3.0]
+    shifted = np.roll(gt, 2, axis=2)
+    monkeypatch.setattr(seg, "predict", lambda model, images, size_: shifted)
+    worse = seg.evaluate_cases(None, test, size)
+    assert (worse["dice"].dropna() < 1.0).all()
+    assert np.allclose(worse.loc[worse["class"] == "lv", "hd95"].dropna(), 12.0)  # 2 px × 6 mm
+
+
+def test_config_rejects_unknown_key():
+    with pytest.raises(ConfigError, match="iteratons"):
+        validate(SegmentationConfig, {"iteratons": 5})
+    with pytest.raises(ValueError, match="arms"):
+        run_segmentation_protocol(*_tiny(), None, SegmentationConfig(arms=["real", "nope"]))
+
+
+def _tiny() -> tuple[SliceSet, SliceSet]:
+    import pandas as pd
+
+    img = np.zeros((2, 1, 16, 16), np.float32)
+    lab = np.zeros((2, 16, 16), np.uint8)
+    lab[:, 4:8, 4:8] = 1
+    meta = pd.DataFrame({"subject_id": ["a", "b"], "case": ["a", "b"], "slice_index": ["0", "0"]})
+    return SliceSet(img, lab, meta), SliceSet(img, lab, meta)
+
+
+@pytest.mark.slow
+def test_acdc_real_only_protocol(acdc_root, tmp_path):
+    from test_fidelity import acdc_slices
+
+    s = acdc_slices(acdc_root, tmp_path, n_patients=5)
+    subj = sorted(s.meta["subject_id"].unique())
+    train, test = s.subset(s.meta["subject_id"].isin(subj[:3])), s.subset(s.meta["subject_id"].isin(subj[3:]))
+    cfg = SegmentationConfig(iterations=150, batch_size=8, seeds=[0], arms=["real"], n_train_patients=2)
+    per_case = run_segmentation_protocol(train, test, None, cfg)
+    assert per_case["case"].nunique() == test.meta["case"].nunique()  # ED and ES volumes of 2 patients
+    assert set(per_case["class"]) == {"lv", "myo", "rv"} and (per_case["hd95_unit"] == "mm").all()
+    assert per_case.loc[per_case["class"] == "lv", "dice"].mean() > 0.3  # far above chance after 150 steps
+
+
+def _phantom_manifest(tmp_path, name: str, subjects: int, seed: int):
+    from medsynth.phantom import generate_dataset
+
+    return generate_dataset(
+        tmp_path / name,
+        subjects=subjects,
+        contrast="cine",
+        scanner="A",
+        seed=seed,
+        shape=(48, 48, 6),
+        spacing=(3.0, 3.0, 8.0),
+    )
+
+
+def test_cli_segmentation(tmp_path):
+    import pandas as pd
+
+    from medsynth.cli.main import main
+
+    real = _phantom_manifest(tmp_path, "real", 4, 0)
+    syn = _phantom_manifest(tmp_path, "syn", 2, 9)
+    cfg = tmp_path / "seg.yaml"
+    cfg.write_text(
+        "iterations: 2\nseeds: [0, 1]\nimage_size: 32\nchannels: [4, 8]\nn_bootstrap: 20\ntest_fraction: 0.5\n"
+    )
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "evaluate",
+            "segmentation",
+            "--real",
+            str(real),
+            "--synthetic",
+            str(syn),
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+            "--size",
+            "32",
+        ]
+    )
+    assert rc == 0
+    table = pd.read_csv(out / "segmentation.csv")
+    assert {"arm", "seed", "class", "dice", "hd95"} <= set(table.columns)
+    assert len(table) == 3 * 2 * table["class"].nunique()
+    summary = pd.read_csv(out / "summary.csv")
+    assert {"dice_mean", "dice_std", "dice_diff_vs_real", "dice_diff_ci_low"} <= set(summary.columns)
+    assert (out / "report.md").is_file() and (out / "dice_boxes.png").is_file()
+    cfg.write_text("iteratons: 2\n")
+    assert (
+        main(["evaluate", "segmentation", "--real", str(real), "--out", str(tmp_path / "o2"), "--config", str(cfg)])
+        == 2
+    )
+    assert not (tmp_path / "o2").exists()
