@@ -20,7 +20,7 @@ def _split3(s: SliceSet) -> tuple[SliceSet, SliceSet, SliceSet]:
 
 @pytest.fixture(scope="module", params=["phantom", "acdc"])
 def sets(request, tmp_path_factory):
-    from test_fidelity import acdc_slices, phantom_slices
+    from slice_sets import acdc_slices, phantom_slices
 
     if request.param == "phantom":
         s = phantom_slices(tmp_path_factory.mktemp("phantom") / "ph", subjects=8, seed=3)

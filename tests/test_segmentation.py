@@ -23,7 +23,7 @@ from medsynth.evaluation.segmentation import (
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> tuple[SliceSet, SliceSet]:
-    from test_fidelity import phantom_slices
+    from slice_sets import phantom_slices
 
     s = phantom_slices(tmp_path_factory.mktemp("phantom") / "ph", subjects=8, seed=0)
     subj = s.meta["subject_id"].unique()
@@ -32,7 +32,7 @@ def phantom(tmp_path_factory) -> tuple[SliceSet, SliceSet]:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> SliceSet:
-    from test_fidelity import phantom_slices
+    from slice_sets import phantom_slices
 
     return phantom_slices(tmp_path_factory.mktemp("phantom_syn") / "ph", subjects=3, seed=11)
 
@@ -135,7 +135,7 @@ def _tiny() -> tuple[SliceSet, SliceSet]:
 
 @pytest.mark.slow
 def test_acdc_real_only_protocol(acdc_root, tmp_path):
-    from test_fidelity import acdc_slices
+    from slice_sets import acdc_slices
 
     s = acdc_slices(acdc_root, tmp_path, n_patients=5)
     subj = sorted(s.meta["subject_id"].unique())

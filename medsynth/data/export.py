@@ -89,6 +89,8 @@ def write_nnunet_dataset(
         "file_ending": ".nii.gz",
         "medsynth": {"canonical_codes": {CANONICAL[src]: src for src in remap}},
     }
-    (out_dir / "dataset.json").write_text(json.dumps(dataset, indent=2))
-    (out_dir / "datalist.json").write_text(json.dumps({"training": training, "labels": labels}, indent=2))
+    (out_dir / "dataset.json").write_text(json.dumps(dataset, indent=2), encoding="utf-8")
+    (out_dir / "datalist.json").write_text(
+        json.dumps({"training": training, "labels": labels}, indent=2), encoding="utf-8"
+    )
     return dataset

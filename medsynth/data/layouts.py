@@ -106,7 +106,7 @@ def _acdc(root: Path, options: dict) -> Iterator[Candidate | LayoutEntryError]:
         try:
             info = dict(
                 (k.strip(), v.strip())
-                for k, v in (ln.split(":", 1) for ln in cfg.read_text().splitlines() if ":" in ln)
+                for k, v in (ln.split(":", 1) for ln in cfg.read_text(encoding="utf-8").splitlines() if ":" in ln)
             )
             frames = {"ED": int(info["ED"]), "ES": int(info["ES"])}
         except (KeyError, ValueError, OSError, UnicodeDecodeError) as err:
@@ -254,7 +254,7 @@ def _nnunet(root: Path, options: dict) -> Iterator[Candidate | LayoutEntryError]
     if not dataset_json.is_file():
         raise ManifestError(f"{root}: nnunet layout needs dataset.json")
     try:
-        meta = json.loads(dataset_json.read_text())
+        meta = json.loads(dataset_json.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestError(f"{dataset_json}: not valid JSON ({err})") from None
     if not isinstance(meta, dict) or "labels" not in meta:

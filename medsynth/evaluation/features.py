@@ -136,7 +136,7 @@ class FeatureExtractor:
         with atomic_dir(out_dir) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in self.state.items()}, str(tmp / WEIGHTS_FILE))
             meta = {**self.description(), "hash": self.hash}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return out_dir
 
 
@@ -258,7 +258,7 @@ def load_extractor(path: str | Path) -> FeatureExtractor:
     if not meta_path.is_file() or not weights_path.is_file():
         raise InputFileError(f"{path}: not an extractor folder (needs {META_FILE} and {WEIGHTS_FILE})")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         state = load_file(str(weights_path))
         ext = FeatureExtractor(
             kind=meta["kind"],

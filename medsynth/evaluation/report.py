@@ -136,7 +136,7 @@ def write_fidelity_report(
     if memorisation:
         parts += ["", "## Memorisation", "", _md_table(pd.DataFrame([memorisation]))]
     with atomic_file(out / "report.md") as tmp:
-        tmp.write_text("\n".join(parts) + "\n")
+        tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return out / "report.md"
 
 
@@ -182,5 +182,5 @@ def write_segmentation_report(
     if config:
         parts += ["", "Config: `" + ", ".join(f"{k}={v}" for k, v in config.items()) + "`"]
     with atomic_file(out / "report.md") as tmp:
-        tmp.write_text("\n".join(parts) + "\n")
+        tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return out / "report.md"

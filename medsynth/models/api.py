@@ -98,7 +98,7 @@ def fit_family(
         "report": report,
     }
     with atomic_file(out_dir / FIT_REPORT) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, default=_json_default))
+        tmp.write_text(json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
     return out_dir
 
 
@@ -111,7 +111,7 @@ def read_fit_report(model_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise InputFileError(f"{path}: corrupt fit report: {err}") from None
 

@@ -129,7 +129,7 @@ class GenerativeModel(ABC):
         with atomic_dir(directory) as tmp:
             if arrays:
                 save_file(arrays, str(tmp / WEIGHTS_FILE))
-            (tmp / MODEL_FILE).write_text(json.dumps(record, indent=2, default=_json_default))
+            (tmp / MODEL_FILE).write_text(json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
         log.info("saved %s model to %s (hash %s)", self.family, directory, record["model_hash"])
         return Path(directory)
 
@@ -160,7 +160,7 @@ def read_model_record(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputFileError(f"{path}: no model here (missing {MODEL_FILE})")
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputFileError(f"{path}: corrupt model record: {err}") from None
     if not isinstance(record, dict) or "family" not in record:

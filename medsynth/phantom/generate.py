@@ -276,6 +276,8 @@ def generate_dataset(
             "units": "MR units (0-1000 scale); lengths mm; volumes ml; angles deg (0 septum, 90 anterior)",
             "subjects": all_params,
         }
-        (tmp / "phantom_params.json").write_text(json.dumps(_round(meta), indent=2, sort_keys=True) + "\n")
+        (tmp / "phantom_params.json").write_text(
+            json.dumps(_round(meta), indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
     log.info("phantom: wrote %d subjects (%s, scanner %s) to %s", subjects, contrast, scanner, out_dir)
     return out_dir / "manifest.csv"

@@ -50,8 +50,8 @@ def score_fidelity(
             ]
         )
         mem_rows["ci_low"] = mem_rows["ci_high"] = np.nan
-        mem_rows["extractor"] = f"nearest-neighbour ({mem.summary['space']})"
-        mem_rows["extractor_hash"] = ""
+        mem_rows["extractor"] = "nearest-neighbour"
+        mem_rows["extractor_hash"] = mem.summary.get("method", mem.summary["space"])
         mem_rows["n_real"], mem_rows["n_synthetic"] = len(real_train), len(synth)
         table = pd.concat([table, mem_rows], ignore_index=True)
         table.insert(0, "model", synth_record["name"])

@@ -94,9 +94,9 @@ def write_common_outputs(
     (tmp / "figures").mkdir()
     for fig in figures:
         shutil.copy(fig, tmp / "figures" / Path(fig).name)
-    (tmp / "report.md").write_text(report_md)
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (tmp / "versions.json").write_text(json.dumps(package_versions(), indent=2))
+    (tmp / "report.md").write_text(report_md, encoding="utf-8")
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    (tmp / "versions.json").write_text(json.dumps(package_versions(), indent=2), encoding="utf-8")
 
 
 def write_report_outputs(

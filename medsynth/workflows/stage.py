@@ -52,14 +52,14 @@ def run_stage(
     out = stage_dir(work, name, inputs)
     done = out / DONE
     if done.is_file():
-        record = json.loads(done.read_text())
+        record = json.loads(done.read_text(encoding="utf-8"))
         log.info("stage %s: reusing %s", name, out)
         return {**record, "cached": True}
     with atomic_dir(out) as tmp:
         record = build(tmp)
         record = {**record, "stage": name, "key": out.name, "dir": str(out.resolve())}
-        (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
-        (tmp / DONE).write_text(json.dumps(record, indent=2, default=str))
+        (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str), encoding="utf-8")
+        (tmp / DONE).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
     log.info("stage %s: built %s", name, out)
     return {**record, "cached": False}
 

@@ -168,7 +168,7 @@ def fit_model(work: str, slices_record: dict[str, Any], spec: dict[str, Any], se
         model = create_model(spec["family"], spec.get("params") or {})
         report = model.fit(train, val if len(val) else None, seed=seed)
         model.save(tmp / "model")
-        (tmp / "fit_report.json").write_text(json.dumps(report, indent=2, default=str))
+        (tmp / "fit_report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
         return {
             "path": "model",
             "family": model.family,
