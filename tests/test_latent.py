@@ -200,3 +200,23 @@ def test_bad_config_rejected():
         create_model("vae", {"betaa": 2.0})
     with pytest.raises(ValueError, match="image_size"):
         create_model("ae", {"image_size": 20, "strides": (2, 2, 2), "channels": (4, 4, 4)})
+
+
+def test_default_checkpoint_dir_resumes_and_leaves_the_hash_alone(train, tmp_path):
+    """``create_model(..., checkpoint_dir=)`` fills the family's checkpoint folder (used by ``medsynth fit`` and
+    the flows), a second fit resumes from it, and where checkpoints go does not change the model hash."""
+    cfg = {**NEURAL["ae"], "steps": 6, "checkpoint_every": 3}
+    a = create_model("ae", cfg, checkpoint_dir=tmp_path / "ckpt_a")
+    assert a.config.checkpoint_dir == str(tmp_path / "ckpt_a")
+    a.fit(train, seed=0)
+    assert any((tmp_path / "ckpt_a").iterdir())
+    b = create_model("ae", cfg, checkpoint_dir=tmp_path / "ckpt_b")
+    b.fit(train, seed=0)
+    assert a.model_hash == b.model_hash
+    resumed = create_model("ae", cfg, checkpoint_dir=tmp_path / "ckpt_a")
+    report = resumed.fit(train, seed=0)
+    assert resumed.model_hash == a.model_hash
+    assert report["resumed_from"] == 6 and report["steps"] == 6  # finished run: loaded, not retrained
+    explicit = create_model("ae", {**cfg, "checkpoint_dir": str(tmp_path / "mine")}, checkpoint_dir=tmp_path / "x")
+    assert explicit.config.checkpoint_dir == str(tmp_path / "mine")
+    assert create_model("pca", {}, checkpoint_dir=tmp_path / "y").config.model_dump().get("checkpoint_dir") is None

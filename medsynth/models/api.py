@@ -72,8 +72,10 @@ def fit_family(
     Writes the family's ``model.json`` + ``weights.safetensors`` and ``fit_report.json`` (fit report, config
     hash, preprocessing, manifest hash). Returns ``out_dir``. Unknown family or config key → ConfigError.
     """
+    out_dir = Path(out_dir)
     try:
-        model = create_model(family, config)
+        # checkpoints live beside the (atomically written) model folder so a rerun resumes an interrupted fit
+        model = create_model(family, config, checkpoint_dir=out_dir.parent / f".{out_dir.name}.checkpoints")
     except ValueError as err:
         raise ConfigError(str(err)) from None
     cfg = _preprocess_config(preprocess)
@@ -83,7 +85,6 @@ def fit_family(
     train, val = split_train_val(slices)
     log.info("fitting %s on %d slices (%d val)", family, len(train), 0 if val is None else len(val))
     report = model.fit(train, val, seed=seed)
-    out_dir = Path(out_dir)
     model.save(out_dir)
     record = {
         "family": family,

@@ -35,6 +35,8 @@ from medsynth.utils.hashing import sha256_arrays, sha256_json
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.json"
+#: Config keys that change how a fit runs, not what it produces; left out of the model hash.
+RUNTIME_CONFIG_KEYS = frozenset({"checkpoint_dir", "checkpoint_every", "progress"})
 WEIGHTS_FILE = "weights.safetensors"
 
 
@@ -107,8 +109,10 @@ class GenerativeModel(ABC):
 
     @property
     def model_hash(self) -> str:
+        """Content hash of the state and the config, leaving out runtime-only keys (where checkpoints go)."""
         arrays, meta = self.get_state()
-        return sha256_json({"arrays": sha256_arrays(arrays), "meta": meta, "config": self.config.model_dump()})[:16]
+        config = {k: v for k, v in self.config.model_dump().items() if k not in RUNTIME_CONFIG_KEYS}
+        return sha256_json({"arrays": sha256_arrays(arrays), "meta": meta, "config": config})[:16]
 
     def _require_fitted(self) -> None:
         if not self.fitted:

@@ -51,9 +51,17 @@ def get_family(name: str) -> type[GenerativeModel]:
     return cls
 
 
-def create_model(name: str, config: dict[str, Any] | None = None) -> GenerativeModel:
-    """Instantiate family ``name`` with a validated config."""
-    return get_family(name)(config)
+def create_model(name: str, config: dict[str, Any] | None = None, checkpoint_dir: Any = None) -> GenerativeModel:
+    """Instantiate family ``name`` with a validated config.
+
+    ``checkpoint_dir`` is a default for families that checkpoint their training (their config has a
+    ``checkpoint_dir`` key): an interrupted fit then resumes from its last checkpoint when run again.
+    """
+    cls = get_family(name)
+    config = dict(config or {})
+    if checkpoint_dir is not None and "checkpoint_dir" in cls.Config.model_fields and not config.get("checkpoint_dir"):
+        config["checkpoint_dir"] = str(checkpoint_dir)
+    return cls(config)
 
 
 def load_model(directory: Any) -> GenerativeModel:

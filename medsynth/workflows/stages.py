@@ -18,7 +18,7 @@ from medsynth.data.slices import SliceSet
 from medsynth.errors import ConfigError
 from medsynth.transforms import RandomLabelDeformation
 from medsynth.utils.hashing import sha256_file
-from medsynth.workflows.stage import artefact, run_stage
+from medsynth.workflows.stage import artefact, run_stage, stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,8 @@ def fit_model(work: str, slices_record: dict[str, Any], spec: dict[str, Any], se
     from medsynth.models.registry import create_model
 
     inputs = {"slices": slices_record["key"], "spec": spec, "seed": seed}
+    # outside the stage's atomic folder, so a fit interrupted by a crash or Ctrl-C resumes from it
+    checkpoints = Path(work) / "checkpoints" / stage_dir(work, "models", inputs).name
 
     def build(tmp: Path) -> dict[str, Any]:
         train = load_split(slices_record, "train")
@@ -165,7 +167,7 @@ def fit_model(work: str, slices_record: dict[str, Any], spec: dict[str, Any], se
             val = val.subset(val.meta["pathology"].isin(HEALTHY).to_numpy())
             if len(train) == 0:
                 raise ConfigError(f"models[{spec['family']}].fit_on: no healthy subjects in the training split")
-        model = create_model(spec["family"], spec.get("params") or {})
+        model = create_model(spec["family"], spec.get("params") or {}, checkpoint_dir=checkpoints)
         report = model.fit(train, val if len(val) else None, seed=seed)
         model.save(tmp / "model")
         (tmp / "fit_report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
