@@ -15,22 +15,7 @@ def anomaly_flow(config: dict[str, Any], work: str, out: str, data_root: str | N
     """Fit every configured family that can ``score`` on the healthy training subjects, score the test split."""
     logger = get_run_logger()
     seed = config["seed"]
-    manifest = t.run_one(t.prepare_manifest, work=work, data=config["data"], seed=seed, data_root=data_root)
-    subjects = t.list_subjects(manifest)
-    per_subject = t.run_many(
-        t.preprocess_subject,
-        [
-            {
-                "work": work,
-                "manifest_record": manifest,
-                "subject_id": s,
-                "preprocess": config["preprocess"],
-                "lenient": config["data"]["lenient"],
-            }
-            for s in subjects
-        ],
-    )
-    slices = t.run_one(t.merge_slices, work=work, subject_records=per_subject)
+    manifest, slices = t.prepare_slices(config, work, data_root)
     logger.info("slices per split: %s", slices["counts"])
     specs = [{**m, "fit_on": "healthy_train"} for m in config["models"]]
     models = t.run_many(t.fit_model, [{"work": work, "slices_record": slices, "spec": m, "seed": seed} for m in specs])

@@ -20,23 +20,7 @@ def augment_flow(config: dict[str, Any], work: str, out: str, data_root: str | N
     seed = config["seed"]
     config_hash = sha256_json(config)[:16]
 
-    manifest = t.run_one(t.prepare_manifest, work=work, data=config["data"], seed=seed, data_root=data_root)
-    logger.info("manifest: %s rows, subjects per split %s", manifest["rows"], manifest["subjects"])
-    subjects = t.list_subjects(manifest)
-    per_subject = t.run_many(
-        t.preprocess_subject,
-        [
-            {
-                "work": work,
-                "manifest_record": manifest,
-                "subject_id": s,
-                "preprocess": config["preprocess"],
-                "lenient": config["data"]["lenient"],
-            }
-            for s in subjects
-        ],
-    )
-    slices = t.run_one(t.merge_slices, work=work, subject_records=per_subject)
+    manifest, slices = t.prepare_slices(config, work, data_root)
     logger.info("slices per split: %s", slices["counts"])
 
     models = t.run_many(

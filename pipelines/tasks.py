@@ -53,3 +53,24 @@ def run_many(task_obj: Any, calls: list[dict[str, Any]]) -> list[Any]:
 
 def run_one(task_obj: Any, **kwargs: Any) -> Any:
     return run_many(task_obj, [kwargs])[0]
+
+
+def prepare_slices(config: dict[str, Any], work: str, data_root: str | None) -> tuple[dict, dict]:
+    """The data half every flow shares: manifest with splits → per-subject slices (fanned out) → split sets.
+
+    Returns ``(manifest_record, slices_record)``."""
+    manifest = run_one(prepare_manifest, work=work, data=config["data"], seed=config["seed"], data_root=data_root)
+    per_subject = run_many(
+        preprocess_subject,
+        [
+            {
+                "work": work,
+                "manifest_record": manifest,
+                "subject_id": s,
+                "preprocess": config["preprocess"],
+                "lenient": config["data"]["lenient"],
+            }
+            for s in list_subjects(manifest)
+        ],
+    )
+    return manifest, run_one(merge_slices, work=work, subject_records=per_subject)

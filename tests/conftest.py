@@ -16,8 +16,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import torch  # noqa: E402
 
-# Two cores on CI: keep torch from oversubscribing them.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One torch thread: on a loaded 2-core box two threads spin against each other (measured up to ~10x slower
+# for the small networks the tests train); Dask workers and the Prefect server share the same cores.
+torch.set_num_threads(1)
 
 
 def _test_data() -> Path | None:

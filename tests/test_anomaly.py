@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from medsynth.data.slices import SliceSet
 from medsynth.evaluation.anomaly import (
@@ -25,15 +24,6 @@ from medsynth.models.latent.toy import toy_slices
 from medsynth.models.registry import create_model
 
 DAE = {"image_size": 32, "channels": (8, 16), "strides": (2, 2), "latent_size": 16, "steps": 150, "batch_size": 16}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on the shared 2-core CI box two threads spin against each other (≈10× slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,6 @@ from medsynth.models.registry import create_model, get_family
 TINY = {"image_size": 16, "levels": 2, "depth": 2, "hidden": 8, "batch_size": 8, "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on the shared 2-core CI box two threads spin against each other (≈10× slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _randomise(net: torch.nn.Module, seed: int = 0) -> None:
     """Perturb every parameter (zero-initialised couplings would otherwise be the identity)."""
     g = torch.Generator().manual_seed(seed)

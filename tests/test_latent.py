@@ -22,15 +22,6 @@ NEURAL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on the shared 2-core CI box two threads spin against each other (≈10× slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def train():
     return toy_slices(6, 2, size=24, seed=1)
