@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from medsynth.config import StrictModel
 from medsynth.errors import TrainingError
@@ -56,6 +57,7 @@ class SegmentationConfig(StrictModel):
     n_bootstrap: int = 1000
     ci: float = 0.95
     augment: bool = True
+    progress: bool = True  # tqdm bar over training iterations (stderr)
     #: CLI only: seeded patient-level test fraction when the manifest has no split.
     test_fraction: float = 0.3
     split_seed: int = 0
@@ -153,7 +155,8 @@ def _train(train: SliceSet, cfg: SegmentationConfig, seed: int) -> tuple[torch.n
     model.train()
     t0 = time.perf_counter()
     loss_v = float("nan")
-    for it in range(cfg.iterations):
+    steps = tqdm(range(cfg.iterations), desc=f"U-Net seed {seed}", disable=not cfg.progress, leave=False, mininterval=2.0)
+    for it in steps:
         idx = torch.randint(0, len(x_all), (min(cfg.batch_size, len(x_all)),), generator=gen)
         x, y = x_all[idx], y_all[idx]
         if cfg.augment:
