@@ -108,3 +108,13 @@ def test_cli_commands(phantom: Path, tmp_path: Path, capsys) -> None:
     assert err.count("\n") == 0 and "bogus_key" in err and err.startswith("medsynth: error:")
     assert main(["fit", "nofamily", "--manifest", str(phantom), "--out", str(out / "bad")]) == 2
     assert not (out / "bad").exists()
+
+
+def test_unconditional_family_samples_are_image_only_rows(phantom: Path, tmp_path: Path) -> None:
+    """An unconditional family (PCA) writes image-only rows (empty label) that manifests and loaders accept."""
+    out = fit_family("pca", phantom, tmp_path / "pca", config={"n_components": 3, "image_size": 32})
+    manifest = sample_dataset(out, tmp_path / "samples", n=3, seed=0, labels_manifest=phantom)
+    df, root = load_manifest(manifest)
+    assert (df["label"] == "").all() and (df["source_case"] == "").all() and (df["family"] == "pca").all()
+    slices = load_slices(manifest, cfg=PreprocessConfig(size=32, spacing_mm=None))
+    assert len(slices) == 3 and not slices.labels.any() and np.isfinite(slices.images).all()

@@ -141,6 +141,8 @@ def validate_manifest(
         if dup[i]:
             continue
         for col in ("image", "label"):
+            if col == "label" and not row[col]:
+                continue  # an image-only row (e.g. samples of an unconditional family)
             try:
                 full = resolve_path(root, row[col], manifest)
             except ManifestError as err:

@@ -316,7 +316,8 @@ def slices_from_manifest(
     warning. ``meta`` follows :data:`~medsynth.data.slices.META_COLUMNS` (``case`` = the image path,
     ``record`` = JSON).
     """
-    from medsynth.data.readers import read_pair  # H1's module; imported late to keep this importable alone
+    from medsynth.data.readers import read_pair, read_volume
+    from medsynth.data.validate import check_finite
 
     cfg = cfg or PreprocessConfig()
     root = Path(root)
@@ -330,9 +331,17 @@ def slices_from_manifest(
                     f"{manifest}: row {i + 1}: unknown label_map {row['label_map']!r}; known: {sorted(LABEL_MAPS)}"
                 )
             img_path = resolve_path(root, row["image"], manifest)
-            lab_path = resolve_path(root, row["label"], manifest)
-            image, label = read_pair(img_path, lab_path, row["label_map"], frame=_frame(row))
-            x, y, records = preprocess_pair(image, label, cfg, stack_ranges.get(_stack_id(row)))
+            if row["label"]:
+                lab_path = resolve_path(root, row["label"], manifest)
+                image, label = read_pair(img_path, lab_path, row["label_map"], frame=_frame(row))
+                row_cfg = cfg
+            else:
+                # image-only row (e.g. an unconditional family's samples): all background, keep every slice
+                image = read_volume(img_path, frame=_frame(row))
+                check_finite(image, img_path)
+                label = Volume(np.zeros(image.array.shape, np.uint8), image.affine, image.spacing, img_path)
+                row_cfg = cfg.model_copy(update={"slices": "all"})
+            x, y, records = preprocess_pair(image, label, row_cfg, stack_ranges.get(_stack_id(row)))
         except MedsynthError as err:
             if not lenient:
                 raise

@@ -155,7 +155,9 @@ def _train(train: SliceSet, cfg: SegmentationConfig, seed: int) -> tuple[torch.n
     model.train()
     t0 = time.perf_counter()
     loss_v = float("nan")
-    steps = tqdm(range(cfg.iterations), desc=f"U-Net seed {seed}", disable=not cfg.progress, leave=False, mininterval=2.0)
+    steps = tqdm(
+        range(cfg.iterations), desc=f"U-Net seed {seed}", disable=not cfg.progress, leave=False, mininterval=2.0
+    )
     for it in steps:
         idx = torch.randint(0, len(x_all), (min(cfg.batch_size, len(x_all)),), generator=gen)
         x, y = x_all[idx], y_all[idx]

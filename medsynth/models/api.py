@@ -176,13 +176,15 @@ def sample_dataset(
     rng = make_rng(seed)
     source_meta = None
     labels = None
-    if labels_manifest is not None:
+    if labels_manifest is not None and model.conditional:
         pool = load_manifest_slices(labels_manifest, data_root, cfg)
         if len(pool) == 0:
             raise ManifestError(f"{labels_manifest}: no label slices")
         idx = rng.choice(len(pool), size=n, replace=n > len(pool))
         labels = pool.labels[idx]
         source_meta = pool.meta.iloc[idx].reset_index(drop=True)
+    elif labels_manifest is not None:
+        log.info("family %r is not label-conditioned: --labels %s is not used", model.family, labels_manifest)
     elif model.conditional:
         raise ConfigError(f"labels: family {model.family!r} is label-conditioned; pass a labels manifest")
     samples = model.sample(n, labels, seed=seed)
