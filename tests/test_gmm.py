@@ -215,3 +215,22 @@ def test_white_texture_mode_keeps_histograms_drops_correlation(fitted: GMMModel,
 
     assert abs(a[bg].mean() - b[bg].mean()) < 0.05 and abs(a[bg].std() / b[bg].std() - 1) < 0.3
     assert lag1(a) < 0.1 and lag1(b) > 0.5
+
+
+def test_context_keeps_real_surroundings(fitted: GMMModel, tiny: SliceSet) -> None:
+    """With ``context`` only the heart is synthesised: far from the labels the real image is kept exactly."""
+    from scipy import ndimage
+
+    labels, context = tiny.labels[:4], tiny.images[:4]
+    assert fitted.supports("context")
+    plain = fitted.sample(4, labels, seed=3).images
+    kept = fitted.sample(4, labels, seed=3, context=context).images
+    again = fitted.sample(4, labels, seed=3, context=context).images
+    assert np.array_equal(kept, again)
+    far = ~ndimage.binary_dilation(labels > 0, iterations=4, axes=(1, 2))
+    assert np.allclose(kept[:, 0][far], context[:, 0][far], atol=1e-5)
+    inner = ndimage.binary_erosion(labels > 0, iterations=4, axes=(1, 2))
+    assert inner.any() and np.allclose(kept[:, 0][inner], plain[:, 0][inner], atol=1e-4)
+    assert not np.allclose(kept[:, 0][far], plain[:, 0][far])
+    with pytest.raises(ValueError, match="context"):
+        fitted.sample(4, labels, seed=3, context=context[:2])

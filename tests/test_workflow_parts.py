@@ -110,7 +110,7 @@ def test_run_config_rejects_unknown_keys(tmp_path: Path) -> None:
     assert cfg.data.source == "phantom"
     bad = tmp_path / "bad.yaml"
     bad.write_text(good.read_text().replace("synthesis:\n  n:", "synthesis:\n  nn: 3\n  n:"))
-    with pytest.raises(ConfigError, match=r"synthesis\.nn.*allowed keys: labels, n"):
+    with pytest.raises(ConfigError, match=r"synthesis\.nn.*allowed keys: context, labels, n"):
         load_run_config(bad)
     bad.write_text(good.read_text().replace("family: gmm", "family: gmm\n    params: {no_such_key: 1}"))
     with pytest.raises(ConfigError, match="no_such_key"):
@@ -127,3 +127,17 @@ def test_shipped_configs_validate(name: str) -> None:
     from medsynth.workflows.config import load_run_config
 
     load_run_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+
+
+def test_image_follows_its_label_under_the_same_deformation() -> None:
+    lab = _disc_label()
+    img = np.where(lab == 1, 1.0, np.where(lab == 2, 0.3, 0.1)).astype(np.float32)
+    params = RandomLabelDeformation(rotate_deg=25, scale=0.15, translate_px=4).sample(np.random.default_rng(7))
+    lab_d, img_d = params(lab), params(img, order=1)
+    assert img_d.dtype == np.float32 and img_d.shape == img.shape
+    # interior of the deformed LV sits on bright deformed image pixels; the deformed background on dark ones
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(lab_d == 1, iterations=2)
+    assert inner.any() and img_d[inner].min() > 0.95
+    assert img_d[ndimage.binary_erosion(lab_d == 0, iterations=2)].max() < 0.15

@@ -9,8 +9,9 @@ registered by name in :mod:`medsynth.models.registry`. Callers only use this sur
 - ``model.save(dir)`` / ``GenerativeModel.load(dir)``: ``model.json`` + ``weights.safetensors`` — no code
   runs on load;
 - optional capabilities, declared in ``capabilities``: ``"score"`` (anomaly / likelihood scores per slice
-  and pixel maps) and ``"translate"`` (image-to-image). Calling an undeclared capability raises
-  :class:`CapabilityError`; callers check ``model.supports(...)`` instead of ``isinstance``.
+  and pixel maps), ``"translate"`` (image-to-image) and ``"context"`` (``sample(..., context=images)``
+  keeps the real surroundings of (n, 1, H, W) images aligned with the label maps). Calling an undeclared
+  capability raises :class:`CapabilityError`; callers check ``model.supports(...)`` instead of ``isinstance``.
 """
 
 from __future__ import annotations

@@ -31,14 +31,17 @@ class LabelDeformation:
         rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
         return rot / self.scale
 
-    def __call__(self, label: np.ndarray) -> np.ndarray:
+    def __call__(self, label: np.ndarray, order: int = 0) -> np.ndarray:
+        """Deform an (H, W) array: ``order=0`` (nearest) for label maps, ``order=1`` for the aligned image."""
         if label.ndim != 2:
             raise ValueError(f"label: expected (H, W), got shape {label.shape}")
         src = label[:, ::-1] if self.flip else label
         centre = (np.array(src.shape) - 1) / 2.0
         m = self.matrix()
         offset = centre - m @ (centre + np.asarray(self.shift_px))
-        out = ndimage.affine_transform(src, m, offset=offset, order=0, mode="constant", cval=0)
+        # images: edge values fill what moves in, so no black border enters the surroundings
+        mode = "constant" if order == 0 else "nearest"
+        out = ndimage.affine_transform(src, m, offset=offset, order=order, mode=mode, cval=0)
         return out.astype(label.dtype)
 
     def to_dict(self) -> dict:

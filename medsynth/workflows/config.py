@@ -77,6 +77,9 @@ class LabelSourceConfig(StrictModel):
 class SynthesisConfig(StrictModel):
     n: int = Field(64, ge=1)
     labels: LabelSourceConfig = LabelSourceConfig()
+    #: families declaring the ``context`` capability keep the real (equally deformed) surroundings of the
+    #: source slice and synthesise only the heart; False synthesises the whole image from the labels.
+    context: bool = True
 
 
 class FidelityStageConfig(StrictModel):

@@ -198,8 +198,17 @@ def synthesize(
         rng = np.random.default_rng(seed)
         source_idx = rng.integers(0, len(train), size=n)
         deform = RandomLabelDeformation(**synthesis.get("labels", {}))
-        labels = np.stack([deform(train.labels[i], rng)[0] for i in source_idx]) if model.conditional else None
-        samples = model.sample(n, labels=labels, seed=seed)
+        labels = context = None
+        if model.conditional:
+            params = [deform.sample(rng) for _ in source_idx]
+            labels = np.stack([p(train.labels[i]) for p, i in zip(params, source_idx, strict=True)])
+            if synthesis.get("context", True) and model.supports("context"):
+                # the same deformation on the source image keeps its real surroundings aligned with the labels
+                context = np.stack(
+                    [p(train.images[i, 0], order=1)[None] for p, i in zip(params, source_idx, strict=True)]
+                )
+        extra = {"context": context} if context is not None else {}
+        samples = model.sample(n, labels=labels, seed=seed, **extra)
         has_labels = samples.labels is not None
         out_labels = samples.labels if has_labels else np.zeros((n, *samples.images.shape[2:]), np.uint8)
         src = train.meta.iloc[source_idx].reset_index(drop=True)

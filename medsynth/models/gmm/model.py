@@ -81,7 +81,7 @@ class GMMModel(GenerativeModel):
     family: ClassVar[str] = "gmm"
     Config: ClassVar[type[StrictModel]] = GMMConfig
     conditional: ClassVar[bool] = True
-    capabilities: ClassVar[frozenset[str]] = frozenset({"score"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"score", "context"})
 
     def __init__(self, config: StrictModel | dict[str, Any] | None = None) -> None:
         super().__init__(config)
@@ -350,8 +350,19 @@ class GMMModel(GenerativeModel):
             mean[rows], logsd[rows] = m, ls
         return gidx.astype(np.intp), mean, np.maximum(np.exp(logsd), _MIN_SD)
 
-    def sample(self, n: int, labels: np.ndarray | None = None, seed: int = 0, group: str | None = None) -> Samples:
-        """Images (n, 1, H, W) for canonical ``labels`` (n, H, W); ``group`` overrides ``sample_group``."""
+    def sample(
+        self,
+        n: int,
+        labels: np.ndarray | None = None,
+        seed: int = 0,
+        group: str | None = None,
+        context: np.ndarray | None = None,
+    ) -> Samples:
+        """Images (n, 1, H, W) for canonical ``labels`` (n, H, W); ``group`` overrides ``sample_group``.
+
+        ``context`` (n, 1, H, W), real images aligned with ``labels``: their surroundings (label 0) are kept and
+        only the heart is synthesised, blended over a partial-volume-wide border (capability ``"context"``).
+        """
         self._require_fitted()
         if labels is None:
             raise MedsynthError("gmm: sampling is label-conditioned; pass label maps (n, H, W)")
@@ -367,6 +378,8 @@ class GMMModel(GenerativeModel):
             return apply_degrade(images, degrade.sample_params(images.shape[0], chunk_rng))
 
         images = self.renderer.render(labels, gidx, mean, sd, rng, threads=self.threads, post=post)
+        if context is not None:
+            images = keep_surroundings(images, labels, context)
         return Samples(images[:, None].astype(np.float32), labels.copy())
 
     # ---- scar posterior score ------------------------------------------------------------------------
@@ -438,6 +451,18 @@ class GMMModel(GenerativeModel):
         self.score_params = {k: float(v) for k, v in (meta.get("score_params") or {}).items()}
         self._renderer = None
         self.fitted = True
+
+
+def keep_surroundings(images: np.ndarray, labels: np.ndarray, context: np.ndarray, sigma: float = 0.7) -> np.ndarray:
+    """Synthetic heart over real surroundings: (n, H, W) images, labels; context (n, 1, H, W).
+
+    The blend weight is the heart mask smoothed by ``sigma`` px, so the border has the partial-volume width
+    of the rendered tissue instead of a cut-out edge."""
+    context = np.asarray(context, dtype=np.float32)
+    if context.shape != (images.shape[0], 1, *images.shape[1:]):
+        raise ValueError(f"context: expected {(images.shape[0], 1, *images.shape[1:])}, got {context.shape}")
+    heart = ndimage.gaussian_filter((labels != BACKGROUND).astype(np.float32), sigma=(0, sigma, sigma))
+    return heart * images + (1.0 - heart) * context[:, 0]
 
 
 def remote_and_blood(image: np.ndarray, label: np.ndarray) -> tuple[tuple[float, float] | None, float | None]:
