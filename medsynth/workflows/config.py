@@ -77,9 +77,10 @@ class LabelSourceConfig(StrictModel):
 class SynthesisConfig(StrictModel):
     n: int = Field(64, ge=1)
     labels: LabelSourceConfig = LabelSourceConfig()
-    #: families declaring the ``context`` capability keep the real (equally deformed) surroundings of the
-    #: source slice and synthesise only the heart; False synthesises the whole image from the labels.
-    context: bool = True
+    #: True: families declaring the ``context`` capability keep the real (equally deformed) surroundings of the
+    #: source slice and synthesise only the heart. Off by default: on ACDC (6 training patients) it improved
+    #: fidelity (rFD 0.56 vs 0.72) but the randomised surroundings helped the downstream U-Net more.
+    context: bool = False
 
 
 class FidelityStageConfig(StrictModel):

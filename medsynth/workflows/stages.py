@@ -202,7 +202,7 @@ def synthesize(
         if model.conditional:
             params = [deform.sample(rng) for _ in source_idx]
             labels = np.stack([p(train.labels[i]) for p, i in zip(params, source_idx, strict=True)])
-            if synthesis.get("context", True) and model.supports("context"):
+            if synthesis.get("context") and model.supports("context"):
                 # the same deformation on the source image keeps its real surroundings aligned with the labels
                 context = np.stack(
                     [p(train.images[i, 0], order=1)[None] for p, i in zip(params, source_idx, strict=True)]
