@@ -34,6 +34,17 @@ def augment_flow(config: dict[str, Any], work: str, out: str, data_root: str | N
         ],
     )
 
+    scar = config["synthesis"]["scar"]
+    if scar["enabled"]:
+        synthetic += t.run_many(
+            t.scar_cases,
+            [
+                {"work": work, "model_record": m, "slices_record": slices, "scar": scar, "seed": seed}
+                for m in models
+                if "scar" in m["capabilities"]
+            ],
+        )
+
     evaluation = config["evaluation"]
     fidelity = []
     if evaluation["fidelity"]["enabled"]:

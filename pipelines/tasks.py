@@ -27,6 +27,7 @@ preprocess_subject = task(stages.preprocess_subject, name="preprocess-subject", 
 merge_slices = task(stages.merge_slices, name="merge-slices", **_CACHED)
 fit_model = task(stages.fit_model, name="fit-model", **_CACHED)
 synthesize = task(stages.synthesize, name="synthesize", **_CACHED)
+scar_cases = task(stages.scar_cases, name="scar-cases", **_CACHED)
 score_fidelity = task(ev.score_fidelity, name="score-fidelity", **_CACHED)
 segmentation_arm = task(ev.segmentation_arm, name="segmentation-arm", **_CACHED)
 score_anomaly = task(ev.score_anomaly, name="score-anomaly", **_CACHED)

@@ -23,7 +23,7 @@ TINY = {
     },
     "preprocess": {"size": 64, "spacing_mm": 2.5},
     "models": [{"family": "gmm"}],
-    "synthesis": {"n": 6},
+    "synthesis": {"n": 6, "context": True},
     "evaluation": {
         "fidelity": {"bootstrap": 5},
         "segmentation": {
@@ -139,6 +139,7 @@ def test_dask_task_runner_on_local_cluster(prefect_harness, tmp_path: Path) -> N
     cfg = _config(
         evaluation={"fidelity": {"enabled": False}, "segmentation": {"enabled": False}},
         runner={"kind": "dask", "n_workers": 2, "threads_per_worker": 1},
+        synthesis={"n": 6, "context": False},
     )
     state = run_flow(cfg, str(tmp_path / "work"), str(tmp_path / "out"), None, return_state=True)
     assert state.is_completed(), state
@@ -202,3 +203,30 @@ def test_augment_flow_on_acdc_layout(prefect_harness, acdc_root: Path, tmp_path:
     assert real["dataset"].eq("acdc").all() and real["subject_id"].nunique() == 3
     # the 3 training patients' ED and ES volumes, no test patient
     assert len(real) == 6
+
+
+def test_augment_flow_adds_scar_cases_on_lge(prefect_harness, tmp_path: Path) -> None:
+    """LGE: the GMM's scar model inserts scar into healthy training myocardium; those cases reach the dataset."""
+    from pipelines.run import run_flow
+
+    cfg = _config(
+        run_name="lge_scar",
+        data={
+            "source": "phantom",
+            "phantom": {"subjects": 6, "contrast": "lge"},
+            "splits": {"train": 0.5, "test": 0.5},
+        },
+        synthesis={"n": 4, "scar": {"enabled": True, "n": 5}},
+        evaluation={"fidelity": {"enabled": False}, "segmentation": {"enabled": False}},
+    )
+    state = run_flow(cfg, str(tmp_path / "work"), str(tmp_path / "out"), None, return_state=True)
+    assert state.is_completed(), state
+    run_dir = Path(state.result()["path"])
+    _check_dataset(run_dir)
+    manifest, root = load_manifest(run_dir / "manifest.csv")
+    scar_rows = manifest[manifest["subject_id"].str.startswith("syn_gmm+scar_")]
+    assert len(scar_rows) == 5 and (scar_rows["pathology"] == "infarct").all()
+    ds = json.loads((run_dir / "dataset" / "dataset.json").read_text())
+    for rel in scar_rows["label"]:
+        lab = np.asarray(nib.load(root / rel).dataobj)
+        assert (lab == ds["labels"]["scar"]).any()

@@ -233,12 +233,11 @@ def scar_dataset(
     ``pair_id``. Only myocardium pixels differ within a pair. Returns the manifest path.
     """
     from medsynth.labels import LV, MVO, MYO, SCAR
-    from medsynth.synthesis.scar import insert_scar, remove_scar
+    from medsynth.synthesis.scar import remove_scar
 
     model = load_model(model_dir)
-    scar_model = getattr(model, "scar_model", None)
-    if scar_model is None:
-        raise MedsynthError(f"{model_dir}: the {model.family!r} model has no scar model (fit on LGE with scar labels)")
+    if not model.supports("scar"):
+        raise MedsynthError(f"{model_dir}: the {model.family!r} model cannot insert scar (fit on LGE with scar labels)")
     fit = read_fit_report(model_dir)
     cfg = _preprocess_config(fit.get("preprocess"))
     slices = load_manifest_slices(manifest, data_root, cfg)
@@ -253,7 +252,8 @@ def scar_dataset(
             other_img, other_lab = remove_scar(image, label)
             pair = [(image, label, "scar", "real"), (other_img, other_lab, "scar_free", "synthetic")]
         else:
-            other_img, other_lab = insert_scar(image, label, scar_model.sample_params(rng))
+            new = model.insert_scar(image[None, None], label[None], seed=int(rng.integers(2**31)))
+            other_img, other_lab = new.images[0, 0], new.labels[0]
             pair = [(other_img, other_lab, "scar", "synthetic"), (image, label, "scar_free", "real")]
         meta = slices.meta.iloc[i]
         pid = f"pair_{len(rows) // 2:05d}"

@@ -9,8 +9,9 @@ registered by name in :mod:`medsynth.models.registry`. Callers only use this sur
 - ``model.save(dir)`` / ``GenerativeModel.load(dir)``: ``model.json`` + ``weights.safetensors`` — no code
   runs on load;
 - optional capabilities, declared in ``capabilities``: ``"score"`` (anomaly / likelihood scores per slice
-  and pixel maps), ``"translate"`` (image-to-image) and ``"context"`` (``sample(..., context=images)``
-  keeps the real surroundings of (n, 1, H, W) images aligned with the label maps). Calling an undeclared
+  and pixel maps), ``"translate"`` (image-to-image), ``"context"`` (``sample(..., context=images)``
+  keeps the real surroundings of (n, 1, H, W) images aligned with the label maps) and ``"scar"``
+  (``insert_scar(images, labels, seed)``: new scar cases from healthy myocardium). Calling an undeclared
   capability raises :class:`CapabilityError`; callers check ``model.supports(...)`` instead of ``isinstance``.
 """
 
@@ -96,8 +97,17 @@ class GenerativeModel(ABC):
         """Image-to-image translation of (N, 1, H, W); only for families declaring ``"translate"``."""
         raise CapabilityError(f"family {self.family!r} cannot translate (capabilities: {sorted(self.capabilities)})")
 
+    def insert_scar(self, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> Samples:
+        """Synthetic scar in the healthy myocardium of real LGE slices: images (n, 1, H, W), canonical labels
+        (n, H, W) → new pairs in which only myocardium changed; only for families declaring ``"scar"``."""
+        raise CapabilityError(f"family {self.family!r} cannot insert scar (capabilities: {sorted(self.capabilities)})")
+
     def supports(self, capability: str) -> bool:
+        """Whether this model offers ``capability`` (a fitted model may lack one its family can have)."""
         return capability in self.capabilities
+
+    def supported(self) -> list[str]:
+        return sorted(c for c in self.capabilities if self.supports(c))
 
     # ---- state: subclasses turn themselves into arrays + JSON metadata and back ----------------------
     @abstractmethod

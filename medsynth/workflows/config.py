@@ -74,8 +74,17 @@ class LabelSourceConfig(StrictModel):
     flip: bool = False
 
 
+class ScarInsertionConfig(StrictModel):
+    """New scar cases: synthetic scar inserted into the healthy myocardium of real training LGE slices, by
+    every fitted family declaring the ``scar`` capability (the GMM, fitted on slices with scar labels)."""
+
+    enabled: bool = False
+    n: int = Field(64, ge=1)
+
+
 class SynthesisConfig(StrictModel):
     n: int = Field(64, ge=1)
+    scar: ScarInsertionConfig = ScarInsertionConfig()
     labels: LabelSourceConfig = LabelSourceConfig()
     #: True: families declaring the ``context`` capability keep the real (equally deformed) surroundings of the
     #: source slice and synthesise only the heart. Off by default: on ACDC (6 training patients) it improved

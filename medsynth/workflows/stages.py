@@ -177,7 +177,7 @@ def fit_model(work: str, slices_record: dict[str, Any], spec: dict[str, Any], se
             "name": spec.get("name") or spec["family"],
             "model_hash": model.model_hash,
             "conditional": model.conditional,
-            "capabilities": sorted(model.capabilities),
+            "capabilities": model.supported(),
         }
 
     return run_stage(work, "models", inputs, build)
@@ -211,28 +211,75 @@ def synthesize(
         samples = model.sample(n, labels=labels, seed=seed, **extra)
         has_labels = samples.labels is not None
         out_labels = samples.labels if has_labels else np.zeros((n, *samples.images.shape[2:]), np.uint8)
-        src = train.meta.iloc[source_idx].reset_index(drop=True)
-        name = model_record["name"]
-        meta = pd.DataFrame(
-            {
-                "subject_id": [f"syn_{name}_{i:05d}" for i in range(n)],
-                "case": [f"syn_{name}_{i:05d}" for i in range(n)],
-                "slice_index": "0",
-                "dataset": "synthetic",
-                "modality": src["modality"],
-                "vendor": src["vendor"],
-                "phase": src["phase"],
-                "pathology": src["pathology"] if model.conditional else "unknown",
-                "split": "train",
-                "record": src["record"],
-                "source": "synthetic",
-                "family": model.family,
-                "model_hash": model_record["model_hash"],
-                "seed": str(seed),
-                "source_case": src["case"] if model.conditional else "",
-            }
-        )
+        meta = _synthetic_meta(train.meta.iloc[source_idx], model_record, seed, model.conditional)
         SliceSet(samples.images.astype(np.float32), out_labels.astype(np.uint8), meta).save(tmp / "synthetic.npz")
-        return {"path": "synthetic.npz", "n": n, "has_labels": has_labels, "name": name, "family": model.family}
+        return {
+            "path": "synthetic.npz",
+            "n": n,
+            "has_labels": has_labels,
+            "name": model_record["name"],
+            "family": model.family,
+        }
 
     return run_stage(work, "synthesis", inputs, build)
+
+
+def _synthetic_meta(src: pd.DataFrame, model_record: dict[str, Any], seed: int, from_labels: bool) -> pd.DataFrame:
+    """Slice metadata of a synthetic set; ``src`` holds the real source slices' rows (one per sample)."""
+    src = src.reset_index(drop=True)
+    name, n = model_record["name"], len(src)
+    ids = [f"syn_{name}_{i:05d}" for i in range(n)]
+    return pd.DataFrame(
+        {
+            "subject_id": ids,
+            "case": ids,
+            "slice_index": "0",
+            "dataset": "synthetic",
+            "modality": src["modality"],
+            "vendor": src["vendor"],
+            "phase": src["phase"],
+            "pathology": src["pathology"] if from_labels else "unknown",
+            "split": "train",
+            "record": src["record"],
+            "source": "synthetic",
+            "family": model_record["family"],
+            "model_hash": model_record["model_hash"],
+            "seed": str(seed),
+            "source_case": src["case"] if from_labels else "",
+        }
+    )
+
+
+def scar_cases(
+    work: str, model_record: dict[str, Any], slices_record: dict[str, Any], scar: dict[str, Any], seed: int
+) -> dict[str, Any]:
+    """New scar cases: scar inserted into the healthy myocardium of real training slices (``scar`` capability)."""
+    from medsynth.labels import LV, MVO, MYO, SCAR
+    from medsynth.models.registry import load_model
+
+    inputs = {"model": model_record["key"], "slices": slices_record["key"], "scar": scar, "seed": seed}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        model = load_model(artefact(model_record))
+        train = load_split(slices_record, "train")
+        flat = train.labels.reshape(len(train), -1)
+        healthy = (flat == LV).any(1) & ((flat == MYO).sum(1) >= 20) & ~np.isin(flat, (SCAR, MVO)).any(1)
+        pool = np.flatnonzero(healthy)
+        if pool.size == 0:
+            raise ConfigError("synthesis.scar: no training slice with healthy myocardium to insert scar into")
+        rng = np.random.default_rng(seed)
+        idx = rng.choice(pool, size=int(scar["n"]), replace=int(scar["n"]) > pool.size)
+        samples = model.insert_scar(train.images[idx], train.labels[idx], seed=seed)
+        record = {**model_record, "name": f"{model_record['name']}+scar"}
+        meta = _synthetic_meta(train.meta.iloc[idx], record, seed, from_labels=True)
+        meta["pathology"] = "infarct"
+        SliceSet(samples.images, samples.labels, meta).save(tmp / "synthetic.npz")
+        return {
+            "path": "synthetic.npz",
+            "n": len(idx),
+            "has_labels": True,
+            "name": record["name"],
+            "family": model.family,
+        }
+
+    return run_stage(work, "scar_cases", inputs, build)

@@ -81,7 +81,7 @@ class GMMModel(GenerativeModel):
     family: ClassVar[str] = "gmm"
     Config: ClassVar[type[StrictModel]] = GMMConfig
     conditional: ClassVar[bool] = True
-    capabilities: ClassVar[frozenset[str]] = frozenset({"score", "context"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"score", "context", "scar"})
 
     def __init__(self, config: StrictModel | dict[str, Any] | None = None) -> None:
         super().__init__(config)
@@ -381,6 +381,29 @@ class GMMModel(GenerativeModel):
         if context is not None:
             images = keep_surroundings(images, labels, context)
         return Samples(images[:, None].astype(np.float32), labels.copy())
+
+    def supports(self, capability: str) -> bool:
+        # scoring and scar insertion need the scar model, fitted only where training slices carry scar labels
+        if capability in ("score", "scar") and self.fitted and self.scar_model is None:
+            return False
+        return super().supports(capability)
+
+    def insert_scar(self, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> Samples:
+        """Scar drawn from the fitted scar model (territory, extent, transmurality, contrast) inserted into the
+        healthy myocardium of each (1, H, W) image / (H, W) label; slices without myocardium pass unchanged."""
+        from medsynth.synthesis.scar import insert_scar
+
+        self._require_fitted()
+        if self.scar_model is None:
+            raise MedsynthError("gmm: this model has no scar model (fit on LGE slices with scar labels)")
+        if images.ndim != 4 or images.shape[1] != 1 or labels.shape != (images.shape[0], *images.shape[2:]):
+            raise ValueError(f"images/labels: expected (n, 1, H, W) and (n, H, W), got {images.shape}, {labels.shape}")
+        rng = make_rng(seed)
+        pairs = [
+            insert_scar(img, lab, self.scar_model.sample_params(rng))
+            for img, lab in zip(images[:, 0], labels, strict=True)
+        ]
+        return Samples(np.stack([p[0] for p in pairs])[:, None].astype(np.float32), np.stack([p[1] for p in pairs]))
 
     # ---- scar posterior score ------------------------------------------------------------------------
     def score(self, slices: SliceSet) -> AnomalyScores:
