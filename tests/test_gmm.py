@@ -234,3 +234,18 @@ def test_context_keeps_real_surroundings(fitted: GMMModel, tiny: SliceSet) -> No
     assert not np.allclose(kept[:, 0][far], plain[:, 0][far])
     with pytest.raises(ValueError, match="context"):
         fitted.sample(4, labels, seed=3, context=context[:2])
+
+
+def test_batched_blur_matches_scipy_per_image() -> None:
+    from scipy import ndimage
+
+    from medsynth.synthesis.degrade import gaussian_blur
+
+    x = np.random.default_rng(0).random((6, 40, 50)).astype(np.float32)
+    sigma = np.array([0.0, 0.4, 0.7, 1.0, 1.6, 2.3])
+    ref = np.stack(
+        [ndimage.gaussian_filter(x[i], s, mode="nearest", truncate=3.0) if s > 0 else x[i] for i, s in enumerate(sigma)]
+    )
+    assert np.abs(gaussian_blur(x, sigma) - ref).max() < 1e-5
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_blur(x, sigma[:2])

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from medsynth.config import StrictModel
 
@@ -85,10 +84,34 @@ def bias_fields(params: DegradeParams, shape: tuple[int, int]) -> np.ndarray:
 
 
 def gaussian_blur(images: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """Blur each (H, W) image with its own isotropic Gaussian sigma (px); borders replicate (``nearest``)."""
-    out = np.empty_like(images, dtype=np.float32)
-    for i, s in enumerate(np.asarray(sigma, dtype=np.float64)):
-        out[i] = ndimage.gaussian_filter(images[i], s, mode="nearest", truncate=3.0) if s > 0 else images[i]
+    """Blur each (H, W) image with its own isotropic Gaussian sigma (px); borders replicate (``nearest``).
+
+    Vectorised over the batch: one separable pass of per-image tap weights over edge-padded images (the same
+    sampled, normalised kernel as ``scipy.ndimage.gaussian_filter`` with ``truncate=3``), instead of one scipy
+    call per image — the blur was a third of the synthesis time."""
+    images = np.asarray(images, dtype=np.float32)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if images.ndim != 3 or sigma.shape != (images.shape[0],):
+        raise ValueError(f"images/sigma: expected (N, H, W) and (N,), got {images.shape} and {sigma.shape}")
+    if not np.any(sigma > 0):
+        return images.copy()
+    radius = int(3.0 * float(sigma.max()) + 0.5)
+    taps = np.arange(-radius, radius + 1, dtype=np.float64)
+    safe = np.where(sigma > 0, sigma, 1.0)[:, None]
+    kernels = np.exp(-0.5 * (taps[None, :] / safe) ** 2)
+    # per image, only the taps scipy would use for its own sigma (truncate = 3 sigma)
+    kernels[np.abs(taps)[None, :] > (3.0 * safe + 0.5).astype(int)] = 0.0
+    kernels[sigma <= 0] = (taps == 0).astype(np.float64)
+    kernels = (kernels / kernels.sum(axis=1, keepdims=True)).astype(np.float32)
+    n, h, w = images.shape
+    padded = np.pad(images, ((0, 0), (radius, radius), (0, 0)), mode="edge")
+    rows = np.zeros_like(images)
+    for t in range(taps.size):
+        rows += kernels[:, t, None, None] * padded[:, t : t + h]
+    padded = np.pad(rows, ((0, 0), (0, 0), (radius, radius)), mode="edge")
+    out = np.zeros_like(images)
+    for t in range(taps.size):
+        out += kernels[:, t, None, None] * padded[:, :, t : t + w]
     return out
 
 
@@ -115,7 +138,7 @@ def apply_degrade(images: np.ndarray, params: DegradeParams) -> np.ndarray:
     """Deterministic twin of :class:`RandomDegrade`: blur → resolution change → bias field → noise."""
     if images.ndim != 3:
         raise ValueError(f"images: expected (N, H, W), got {images.shape}")
-    out = gaussian_blur(images.astype(np.float32), params.sigma)
+    out = gaussian_blur(images, params.sigma)
     if np.any(params.factor > 1.0):
         out = change_resolution(out, params.factor, params.axis)
     out *= bias_fields(params, out.shape[1:])

@@ -369,7 +369,8 @@ class GMMModel(GenerativeModel):
         labels = np.asarray(labels)
         if labels.ndim != 3 or labels.shape[0] != n:
             raise ValueError(f"labels: expected ({n}, H, W), got {labels.shape}")
-        labels = labels.astype(np.uint8)
+        # a private uint8 copy: the returned labels must not alias the caller's array
+        labels = labels.astype(np.uint8, copy=True)
         rng = make_rng(seed)
         gidx, mean, sd = self.sample_tissue_params(n, rng, group)
         degrade = RandomDegrade(self.config.degrade)
@@ -380,7 +381,7 @@ class GMMModel(GenerativeModel):
         images = self.renderer.render(labels, gidx, mean, sd, rng, threads=self.threads, post=post)
         if context is not None:
             images = keep_surroundings(images, labels, context)
-        return Samples(images[:, None].astype(np.float32), labels.copy())
+        return Samples(images[:, None].astype(np.float32, copy=False), labels)
 
     def supports(self, capability: str) -> bool:
         # scoring and scar insertion need the scar model, fitted only where training slices carry scar labels
