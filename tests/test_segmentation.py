@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from slice_sets import phantom_slices
 
 from medsynth.config import validate
 from medsynth.data.slices import SliceSet
@@ -23,7 +25,6 @@ from medsynth.evaluation.segmentation import (
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> tuple[SliceSet, SliceSet]:
-    from slice_sets import phantom_slices
 
     s = phantom_slices(tmp_path_factory.mktemp("phantom") / "ph", subjects=8, seed=0)
     subj = s.meta["subject_id"].unique()
@@ -32,7 +33,6 @@ def phantom(tmp_path_factory) -> tuple[SliceSet, SliceSet]:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> SliceSet:
-    from slice_sets import phantom_slices
 
     return phantom_slices(tmp_path_factory.mktemp("phantom_syn") / "ph", subjects=3, seed=11)
 
@@ -202,3 +202,23 @@ def test_cli_segmentation(tmp_path):
         == 2
     )
     assert not (tmp_path / "o2").exists()
+
+
+def test_training_is_deterministic_when_runs_share_a_process(tmp_path) -> None:
+    """Thread-pool task runners train several U-Nets at once; each must still depend on its seed alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medsynth.evaluation.segmentation import SegmentationConfig, train_unet
+
+    s = phantom_slices(tmp_path / "ph", subjects=3, seed=1)
+    cfg = SegmentationConfig(iterations=6, image_size=32, progress=False)
+
+    def weights(seed: int) -> list:
+        model, _ = train_unet(s, cfg, seed)
+        return [v.clone() for v in model.state_dict().values()]
+
+    alone = [weights(0), weights(1)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        together = list(pool.map(weights, [0, 1]))
+    for a, b in zip(alone, together, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

@@ -26,6 +26,7 @@ from torch import nn
 from medsynth.errors import InputFileError, TrainingError
 from medsynth.utils.atomic import atomic_dir
 from medsynth.utils.hashing import sha256_arrays, sha256_json
+from medsynth.utils.seeding import exclusive_global_rng
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ class _AutoEncoder(nn.Module):
         return self.head(self.decoder(self.encoder(x)[-1]))
 
 
+@exclusive_global_rng
 def train_domain_encoder(
     images: np.ndarray,
     labels: np.ndarray | None = None,

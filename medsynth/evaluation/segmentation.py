@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from medsynth.config import StrictModel
 from medsynth.errors import TrainingError
 from medsynth.labels import CANONICAL, N_CLASSES
-from medsynth.utils.seeding import rng, seed_everything
+from medsynth.utils.seeding import exclusive_global_rng, rng, seed_everything
 
 if TYPE_CHECKING:
     from medsynth.data.slices import SliceSet
@@ -127,6 +127,7 @@ def make_unet(cfg: SegmentationConfig) -> torch.nn.Module:
     )
 
 
+@exclusive_global_rng
 def train_unet(train: SliceSet, cfg: SegmentationConfig, seed: int) -> tuple[torch.nn.Module, dict]:
     """Train the U-Net on ``train`` for ``cfg.iterations`` batches (DiceCE loss, Adam, cosine LR).
 

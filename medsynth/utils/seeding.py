@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import random
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,3 +28,23 @@ def seed_everything(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+#: Held while code seeds and draws from the process-global RNGs (torch weight init, ``randn_like`` in
+#: training): two fits in one process (e.g. a thread-pool task runner) would otherwise interleave their
+#: draws and the same seed would no longer give the same model.
+GLOBAL_RNG_LOCK = threading.RLock()
+
+F = TypeVar("F", bound=Callable)
+
+
+def exclusive_global_rng(fn: F) -> F:
+    """Decorator: run ``fn`` holding :data:`GLOBAL_RNG_LOCK` (for functions that call :func:`seed_everything`
+    and then draw from torch's global generator)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with GLOBAL_RNG_LOCK:
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

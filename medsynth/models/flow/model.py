@@ -34,7 +34,7 @@ from medsynth.models.base import AnomalyScores, GenerativeModel, Samples
 from medsynth.models.flow.layers import Glow, gaussian_nll
 from medsynth.models.latent.common import check_slices, maps_to_size, to_size
 from medsynth.models.training import train_loop
-from medsynth.utils.seeding import seed_everything
+from medsynth.utils.seeding import exclusive_global_rng, seed_everything
 
 BINS = 256.0
 OFFSET = 0.5  # centre the [0, 1] bulk of the intensities
@@ -89,6 +89,7 @@ class FlowModel(GenerativeModel):
         return prior - logdet, zs
 
     # ---- fitting -------------------------------------------------------------------------------------
+    @exclusive_global_rng
     def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
         check_slices(train, self.family)
         cfg = self.config

@@ -51,7 +51,7 @@ from medsynth.labels import MVO, MYO, N_CLASSES, SCAR
 from medsynth.models.base import AnomalyScores, GenerativeModel, Samples
 from medsynth.models.latent.common import check_slices, labels_to_size, maps_to_size, one_hot, to_size
 from medsynth.models.training import train_loop
-from medsynth.utils.seeding import seed_everything
+from medsynth.utils.seeding import exclusive_global_rng, seed_everything
 
 log = logging.getLogger(__name__)
 LOG_BIN = math.log(256.0)
@@ -180,6 +180,7 @@ class AEModel(GenerativeModel):
         return (x - xhat).abs().flatten(1).sum(1) / b + d * math.log(2 * b)
 
     # ---- fitting -------------------------------------------------------------------------------------
+    @exclusive_global_rng
     def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
         check_slices(train, self.family)
         cfg = self.config
