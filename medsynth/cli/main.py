@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose < 2:
+        # every call to the Prefect API server would otherwise log a line
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         rc = args.func(args)
     except MedsynthError as err:
