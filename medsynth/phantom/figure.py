@@ -1,6 +1,6 @@
 """Figure: mid-ventricular phantom slices next to real ACDC cine and EMIDEC LGE slices.
 
-``python -m medsynth.phantom.figure --data /work/shared/data --out docs/figures/phantom_vs_real.png``
+``python -m medsynth.phantom.figure --data ../shared/data --out docs/figures/phantom_vs_real.png``
 
 Every panel is cropped to about 120 mm around the heart (label centroid; EMIDEC PNGs have no spacing, so a
 fixed pixel crop) and windowed to its own 0.5–99.5th intensity percentiles, as a reader would window it.
