@@ -43,6 +43,18 @@ class TrainResult:
     logs: dict[str, float] = field(default_factory=dict)
     resumed_from: int = 0
 
+    def report(self, n_train: int, batch_size: int, elapsed_s: float) -> dict[str, Any]:
+        """The training part of a family's fit report (steps, resume point, losses, throughput)."""
+        trained = self.step - self.resumed_from
+        return {
+            "n_train": n_train,
+            "steps": self.step,
+            "resumed_from": self.resumed_from,
+            "loss_first": self.losses[0] if self.losses else None,
+            "loss_last": float(np.mean(self.losses[-20:])) if self.losses else None,
+            "train_images_per_s": trained * min(batch_size, n_train) / elapsed_s if trained else None,
+        }
+
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     """Indices of the batch for ``step``: an epoch-wise permutation seeded by ``(seed, epoch)``.

@@ -118,16 +118,10 @@ class FlowModel(GenerativeModel):
         elapsed = time.perf_counter() - t0
         self.net.eval()
         self.fitted = True
-        trained = res.step - res.resumed_from
         report: dict[str, Any] = {
             "family": self.family,
-            "n_train": len(train),
+            **res.report(len(train), cfg.batch_size, elapsed),
             "image_size": cfg.image_size,
-            "steps": res.step,
-            "resumed_from": res.resumed_from,
-            "loss_first": res.losses[0] if res.losses else None,
-            "loss_last": float(np.mean(res.losses[-20:])) if res.losses else None,
-            "train_images_per_s": trained * min(cfg.batch_size, len(train)) / elapsed if trained else None,
             "train_bits_per_dim": float(np.mean(self.bits_per_dim(train))),
         }
         if val is not None and len(val):

@@ -219,15 +219,9 @@ class AEModel(GenerativeModel):
             cov = cov + 1e-4 * np.eye(len(cov))
             self.code_chol = np.linalg.cholesky(cov).astype(np.float32)
         self.fitted = True
-        trained = res.step - res.resumed_from
         report: dict[str, Any] = {
             "family": self.family,
-            "n_train": len(train),
-            "steps": res.step,
-            "resumed_from": res.resumed_from,
-            "loss_first": res.losses[0] if res.losses else None,
-            "loss_last": float(np.mean(res.losses[-20:])) if res.losses else None,
-            "train_images_per_s": trained * min(cfg.batch_size, len(train)) / elapsed if trained else None,
+            **res.report(len(train), cfg.batch_size, elapsed),
             **{f"last_{k}": v for k, v in res.logs.items()},
         }
         if val is not None and len(val):
