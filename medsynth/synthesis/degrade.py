@@ -15,8 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from medsynth.config import StrictModel
+from medsynth.utils.seeding import fast_standard_normal
 
 
 class DegradeConfig(StrictModel):
@@ -86,32 +88,23 @@ def bias_fields(params: DegradeParams, shape: tuple[int, int]) -> np.ndarray:
 def gaussian_blur(images: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """Blur each (H, W) image with its own isotropic Gaussian sigma (px); borders replicate (``nearest``).
 
-    Vectorised over the batch: one separable pass of per-image tap weights over edge-padded images (the same
-    sampled, normalised kernel as ``scipy.ndimage.gaussian_filter`` with ``truncate=3``), instead of one scipy
-    call per image — the blur was a third of the synthesis time."""
+    The sampled, normalised kernel of ``scipy.ndimage.gaussian_filter`` with ``truncate=3``, applied as two
+    separable passes per image: one 128×128 image stays in cache through both passes, which measured faster
+    than shifted adds vectorised over the batch."""
     images = np.asarray(images, dtype=np.float32)
     sigma = np.asarray(sigma, dtype=np.float64)
     if images.ndim != 3 or sigma.shape != (images.shape[0],):
         raise ValueError(f"images/sigma: expected (N, H, W) and (N,), got {images.shape} and {sigma.shape}")
-    if not np.any(sigma > 0):
-        return images.copy()
-    radius = int(3.0 * float(sigma.max()) + 0.5)
-    taps = np.arange(-radius, radius + 1, dtype=np.float64)
-    safe = np.where(sigma > 0, sigma, 1.0)[:, None]
-    kernels = np.exp(-0.5 * (taps[None, :] / safe) ** 2)
-    # per image, only the taps scipy would use for its own sigma (truncate = 3 sigma)
-    kernels[np.abs(taps)[None, :] > (3.0 * safe + 0.5).astype(int)] = 0.0
-    kernels[sigma <= 0] = (taps == 0).astype(np.float64)
-    kernels = (kernels / kernels.sum(axis=1, keepdims=True)).astype(np.float32)
-    n, h, w = images.shape
-    padded = np.pad(images, ((0, 0), (radius, radius), (0, 0)), mode="edge")
-    rows = np.zeros_like(images)
-    for t in range(taps.size):
-        rows += kernels[:, t, None, None] * padded[:, t : t + h]
-    padded = np.pad(rows, ((0, 0), (0, 0), (radius, radius)), mode="edge")
-    out = np.zeros_like(images)
-    for t in range(taps.size):
-        out += kernels[:, t, None, None] * padded[:, :, t : t + w]
+    out = np.empty_like(images)
+    for i, s in enumerate(sigma):
+        if s <= 0:
+            out[i] = images[i]
+            continue
+        taps = np.arange(-int(3.0 * s + 0.5), int(3.0 * s + 0.5) + 1)
+        k = np.exp(-0.5 * (taps / s) ** 2)
+        k = (k / k.sum()).astype(np.float32)
+        ndimage.correlate1d(images[i], k, axis=0, mode="nearest", output=out[i])
+        ndimage.correlate1d(out[i], k, axis=1, mode="nearest", output=out[i])  # line-buffered: in place is safe
     return out
 
 
@@ -143,5 +136,7 @@ def apply_degrade(images: np.ndarray, params: DegradeParams) -> np.ndarray:
         out = change_resolution(out, params.factor, params.axis)
     out *= bias_fields(params, out.shape[1:])
     noise_rng = np.random.Generator(np.random.SFC64(params.noise_seed))
-    out += noise_rng.standard_normal(out.shape, dtype=np.float32) * params.noise.astype(np.float32)[:, None, None]
+    noise = fast_standard_normal(noise_rng, out.shape)
+    noise *= params.noise.astype(np.float32)[:, None, None]
+    out += noise
     return out
