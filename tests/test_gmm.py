@@ -48,6 +48,18 @@ def test_sampling_deterministic_and_seed_dependent(fitted: GMMModel, tiny: Slice
     assert not np.array_equal(a.images, c.images)
 
 
+def test_sampling_does_not_depend_on_threads(fitted: GMMModel, tiny: SliceSet) -> None:
+    labels = np.repeat(tiny.labels[:3], 30, axis=0)  # several render chunks
+    out, before = [], fitted.threads
+    try:
+        for threads in (1, 2):
+            fitted.threads = threads
+            out.append(fitted.sample(len(labels), labels, seed=5).images)
+    finally:
+        fitted.threads = before
+    np.testing.assert_array_equal(out[0], out[1])
+
+
 def test_sampling_draws_per_image_parameters(fitted: GMMModel, tiny: SliceSet) -> None:
     """The spread of per-image myocardium means is the fitted population's, not one global mean plus noise."""
     labels = np.repeat(tiny.labels[:1], 200, axis=0)

@@ -103,15 +103,15 @@ def test_per_case_metrics_perfect_and_shifted(phantom, monkeypatch):
     size = 32
     _, gt = seg._resize(test.images, test.labels, size)
     gt = gt.numpy().astype(np.uint8)
-    monkeypatch.setattr(seg, "predict", lambda model, images, size_: gt)
-    perfect = seg.evaluate_cases(None, test, size)
+    monkeypatch.setattr(seg, "_predict_inputs", lambda model, x: gt)
+    perfect = seg.evaluate_cases(None, test, SegmentationConfig(image_size=size))
     assert np.allclose(perfect["dice"].dropna(), 1.0) and np.allclose(perfect["hd95"].dropna(), 0.0)
     # record spacing: target 3 mm on a 64-px grid resized to 32 px → 6 mm pixels
     rec = json.loads(test.meta["record"].iloc[0])
     assert rec["target_spacing"] == [3.0, 3.0]
     shifted = np.roll(gt, 2, axis=2)
-    monkeypatch.setattr(seg, "predict", lambda model, images, size_: shifted)
-    worse = seg.evaluate_cases(None, test, size)
+    monkeypatch.setattr(seg, "_predict_inputs", lambda model, x: shifted)
+    worse = seg.evaluate_cases(None, test, SegmentationConfig(image_size=size))
     assert (worse["dice"].dropna() < 1.0).all()
     assert np.allclose(worse.loc[worse["class"] == "lv", "hd95"].dropna(), 12.0)  # 2 px × 6 mm
 
@@ -222,3 +222,68 @@ def test_training_is_deterministic_when_runs_share_a_process(tmp_path) -> None:
         together = list(pool.map(weights, [0, 1]))
     for a, b in zip(alone, together, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_roi_boxes_cover_each_case_once(phantom):
+    _, test = phantom
+    boxes = seg.roi_boxes(test, margin=0.25)
+    cases = test.meta["case"].to_numpy()
+    for case in np.unique(cases):
+        idx = np.flatnonzero(cases == case)
+        assert np.allclose(boxes[idx], boxes[idx[0]])  # one grid per stacked volume
+        cy, cx, side = boxes[idx[0]]
+        rows = np.flatnonzero((test.labels[idx] > 0).any(axis=(0, 2)))
+        cols = np.flatnonzero((test.labels[idx] > 0).any(axis=(0, 1)))
+        extent = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+        assert side == pytest.approx(1.5 * extent)
+        assert cy - side / 2 < rows[0] and rows[-1] < cy + side / 2
+        assert cx - side / 2 < cols[0] and cols[-1] < cx + side / 2
+    # a case without labels keeps the whole slice
+    img, lab = np.zeros((1, 1, 20, 30), np.float32), np.zeros((1, 20, 30), np.uint8)
+    import pandas as pd
+
+    empty = SliceSet(img, lab, pd.DataFrame({"subject_id": ["z"], "case": ["z"], "slice_index": ["0"]}))
+    assert np.allclose(seg.roi_boxes(empty, 0.3), [[9.5, 14.5, 30.0]])
+
+
+def test_roi_crop_geometry():
+    rng = np.random.default_rng(0)
+    img = rng.random((2, 1, 24, 24)).astype(np.float32)
+    lab = rng.integers(0, 4, size=(2, 24, 24)).astype(np.uint8)
+    whole = np.array([[11.5, 11.5, 24.0], [11.5, 11.5, 24.0]])
+    x, y = seg._crop(img, lab, whole, 24)  # the whole slice at its own size: identity
+    assert np.allclose(x.numpy(), img, atol=1e-5) and np.array_equal(y.numpy(), lab)
+    half = np.array([[5.5, 17.5, 12.0], [5.5, 17.5, 12.0]])  # rows 0-11, cols 12-23 upsampled 2x
+    _, y2 = seg._crop(img, lab, half, 24)
+    assert np.array_equal(y2.numpy()[:, ::2, ::2], lab[:, :12, 12:])
+
+
+def test_roi_metrics_use_the_crop_grid(phantom, monkeypatch):
+    _, test = phantom
+    cfg = SegmentationConfig(image_size=32, roi="heart", roi_margin=0.3)
+    _, gt, boxes = seg._inputs(test, cfg)
+    gt = gt.numpy().astype(np.uint8)
+    monkeypatch.setattr(seg, "_predict_inputs", lambda model, x: gt)
+    perfect = seg.evaluate_cases(None, test, cfg)
+    assert np.allclose(perfect["dice"].dropna(), 1.0)
+    shifted = np.roll(gt, 2, axis=2)
+    monkeypatch.setattr(seg, "_predict_inputs", lambda model, x: shifted)
+    worse = seg.evaluate_cases(None, test, cfg)
+    # 2 px on the 32-px crop grid: 2 × side (slice px) × 3 mm / 32 per case
+    lv = worse[worse["class"] == "lv"].set_index("case")["hd95"].dropna()
+    cases = test.meta["case"].to_numpy()
+    for case, hd in lv.items():
+        side = boxes[np.flatnonzero(cases == case)[0], 2]
+        assert hd == pytest.approx(2 * side * 3.0 / 32, rel=1e-3)
+
+
+def test_roi_protocol_runs(phantom, synthetic):
+    train, test = phantom
+    cfg = SegmentationConfig(
+        iterations=3, batch_size=4, image_size=32, channels=(4, 8), seeds=[0], roi="heart", num_threads=1
+    )
+    per_case = run_segmentation_protocol(train, test, synthetic, cfg)
+    assert set(per_case["arm"]) == {"real", "real+synthetic", "synthetic"}
+    assert per_case["case"].nunique() == test.meta["case"].nunique()
+    with pytest.raises(ConfigError, match="roi"):
+        validate(SegmentationConfig, {"roi": "lungs"})

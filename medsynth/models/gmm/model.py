@@ -28,6 +28,7 @@ insertion (:mod:`medsynth.synthesis.scar`) keeps the real surroundings untouched
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -93,7 +94,7 @@ class GMMModel(GenerativeModel):
         self.score_params: dict[str, float] = {}
         self._renderer: LabelsToImage | None = None
         #: Synthesis threads (results do not depend on it); a runtime setting, not part of the model.
-        self.threads = 1
+        self.threads = max(1, min(4, os.cpu_count() or 1))
 
     # ---- fitting -------------------------------------------------------------------------------------
     def group_key(self, modality: str, vendor: str) -> str:
