@@ -2,6 +2,7 @@
 
 - ``augment``: manifest → preprocess → split → fit → synthesise → score → augmented dataset + report;
 - ``anomaly``: fit on healthy subjects → score scans → AUROC / Dice report;
-- ``translate`` (planned with CycleGAN/CUT): same shape — prepare, fit a family declaring ``translate``,
-  translate the test split, score, write.
+- ``translate``: fit a family declaring ``translate`` (CycleGAN) on two domains → translate the source
+  training slices (labels carried over) → FD and target-U-Net Dice before / after on the test split →
+  target-domain dataset + report.
 """

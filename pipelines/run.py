@@ -34,7 +34,8 @@ def run_flow(config: dict[str, Any], work: str, out: str, data_root: str | None,
     from pipelines.anomaly import anomaly_flow
     from pipelines.augment import augment_flow
     from pipelines.runtime import make_task_runner
+    from pipelines.translate import translate_flow
 
-    flows = {"augment": augment_flow, "anomaly": anomaly_flow}
+    flows = {"augment": augment_flow, "anomaly": anomaly_flow, "translate": translate_flow}
     chosen = flows[config["flow"]].with_options(task_runner=make_task_runner(config["runner"]))
     return chosen(config=config, work=work, out=out, data_root=data_root, return_state=return_state)

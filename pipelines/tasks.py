@@ -28,12 +28,15 @@ merge_slices = task(stages.merge_slices, name="merge-slices", **_CACHED)
 fit_model = task(stages.fit_model, name="fit-model", **_CACHED)
 synthesize = task(stages.synthesize, name="synthesize", **_CACHED)
 scar_cases = task(stages.scar_cases, name="scar-cases", **_CACHED)
+translate_cases = task(stages.translate_cases, name="translate-cases", **_CACHED)
 score_fidelity = task(ev.score_fidelity, name="score-fidelity", **_CACHED)
 segmentation_arm = task(ev.segmentation_arm, name="segmentation-arm", **_CACHED)
 score_anomaly = task(ev.score_anomaly, name="score-anomaly", **_CACHED)
 anomaly_baselines = task(ev.anomaly_baselines, name="anomaly-baselines", **_CACHED)
+score_translation = task(ev.score_translation, name="score-translation", **_CACHED)
 write_augment_outputs = task(ev.write_augment_outputs, name="write-outputs")
 write_anomaly_outputs = task(ev.write_anomaly_outputs, name="write-anomaly-outputs")
+write_translate_outputs = task(ev.write_translate_outputs, name="write-translate-outputs")
 
 
 def _resolve(future: PrefectFuture, task_obj: Any, kwargs: dict[str, Any]) -> Any:

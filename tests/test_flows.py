@@ -230,3 +230,40 @@ def test_augment_flow_adds_scar_cases_on_lge(prefect_harness, tmp_path: Path) ->
     for rel in scar_rows["label"]:
         lab = np.asarray(nib.load(root / rel).dataobj)
         assert (lab == ds["labels"]["scar"]).any()
+
+
+def test_translate_flow_on_phantom_cine_and_lge(prefect_harness, tmp_path: Path) -> None:
+    """cine → LGE on the phantom: translated training slices keep their labels and join the real LGE cases;
+    metrics before / after; a family without ``translate`` is refused by name."""
+    from pipelines.run import run_flow
+
+    cyclegan = {
+        "family": "cyclegan",
+        "params": {"image_size": 32, "channels": [8, 16], "n_res_blocks": 1, "disc_channels": 8, "steps": 6},
+    }
+    cfg = _config(
+        flow="translate",
+        data={
+            "source": "phantom",
+            "phantom": {"subjects": 4, "contrast": "cine+lge"},
+            "splits": {"train": 0.5, "test": 0.5},
+        },
+        models=[cyclegan],
+        evaluation={"translation": {"bootstrap": 5, "segmentation": {"image_size": 32, "iterations": 5}}},
+    )
+    state = run_flow(cfg, str(tmp_path / "work"), str(tmp_path / "out"), None, return_state=True)
+    assert state.is_completed(), state
+    run_dir = Path(state.result()["path"])
+    metrics = pd.read_csv(run_dir / "metrics" / "translation_metrics.csv")
+    assert set(metrics["metric"]) == {"fd_random_cnn", "target_unet_dice"}
+    assert (metrics["direction"] == "cine->lge").all() and metrics[["before", "after"]].notna().all().all()
+    manifest, _ = load_manifest(run_dir / "manifest.csv")
+    assert (manifest["modality"] == "lge").all()  # real LGE cases + translated cine slices
+    syn = manifest[manifest["source"] == "synthetic"]
+    assert len(syn) > 0 and (syn["family"] == "cyclegan").all() and (syn["source_case"] != "").all()
+    assert (run_dir / "figures" / "samples.png").is_file()
+
+    bad = _config(flow="translate", data=cfg["data"], models=[{"family": "pca"}])
+    state = run_flow(bad, str(tmp_path / "work2"), str(tmp_path / "out2"), None, return_state=True)
+    assert state.is_failed() and "cannot translate" in str(state.result(raise_on_failure=False))
+    assert not (tmp_path / "out2" / "tiny").exists()

@@ -121,7 +121,17 @@ def test_run_config_rejects_unknown_keys(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["quickstart", "acdc_augment", "emidec_scar", "emidec_anomaly", "phantom_anomaly", "dask_local"]
+    "name",
+    [
+        "quickstart",
+        "acdc_augment",
+        "emidec_scar",
+        "emidec_anomaly",
+        "phantom_anomaly",
+        "dask_local",
+        "phantom_translate",
+        "acdc_emidec_translate",
+    ],
 )
 def test_shipped_configs_validate(name: str) -> None:
     from medsynth.workflows.config import load_run_config
@@ -143,7 +153,10 @@ def test_image_follows_its_label_under_the_same_deformation() -> None:
     assert img_d[ndimage.binary_erosion(lab_d == 0, iterations=2)].max() < 0.15
 
 
-@pytest.mark.parametrize(("name", "sub", "subjects"), [("acdc", "acdc/training", 30), ("emidec_png", "emidec_png", 50)])
+@pytest.mark.parametrize(
+    ("name", "sub", "subjects"),
+    [("acdc", "acdc/training", 30), ("emidec_png", "emidec_png", 50), ("acdc_emidec", ".", 80)],
+)
 def test_committed_manifests_match_the_data(test_data_root: Path, name: str, sub: str, subjects: int) -> None:
     """The manifests in data_manifests/ validate against the real data, file hashes included, with leak-free splits."""
     from medsynth.data.manifest import load_manifest

@@ -1,5 +1,5 @@
-"""``medsynth fit`` / ``sample`` / ``scar`` and ``medsynth evaluate scar``: thin wrappers over
-:mod:`medsynth.models.api` and :mod:`medsynth.evaluation.scar`, generic over the family registry."""
+"""``medsynth fit`` / ``sample`` / ``scar`` / ``translate`` and ``medsynth evaluate scar`` / ``translation``:
+thin wrappers over :mod:`medsynth.models.api` and :mod:`medsynth.evaluation`, generic over the family registry."""
 
 from __future__ import annotations
 
@@ -51,6 +51,31 @@ def run_scar(args: argparse.Namespace) -> int:
     from medsynth.models.api import scar_dataset
 
     print(scar_dataset(args.model, args.manifest, args.out, seed=args.seed, data_root=args.data_root))
+    return 0
+
+
+def run_translate(args: argparse.Namespace) -> int:
+    from medsynth.models.api import translate_dataset
+
+    out = translate_dataset(
+        args.model,
+        args.manifest,
+        args.out,
+        seed=args.seed,
+        data_root=args.data_root,
+        direction=args.direction,
+        split=args.split,
+    )
+    print(out)
+    return 0
+
+
+def run_evaluate_translation(args: argparse.Namespace) -> int:
+    from medsynth.config import load_config
+    from medsynth.evaluation.translation import TranslationEvalConfig, run_translation_evaluation
+
+    cfg = load_config(TranslationEvalConfig, args.config) if args.config else TranslationEvalConfig()
+    print(run_translation_evaluation(args.model, args.manifest, args.out, args.data_root, cfg, seed=args.seed))
     return 0
 
 
@@ -110,6 +135,20 @@ def register(commands, evaluate) -> None:
     c.add_argument("--data-root", dest="data_root", default=None, help="data root of the manifest")
     c.set_defaults(func=run_scar)
 
+    t = commands.add_parser(
+        "translate",
+        help="translate slices to the other domain with a fitted translation model (e.g. cyclegan)",
+        description="Write the manifest's from-domain slices translated to the to-domain, with their labels.",
+    )
+    t.add_argument("--model", required=True, help="fitted model directory whose family can translate")
+    t.add_argument("--manifest", required=True, help="manifest of slices to translate")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--direction", choices=["forward", "backward"], default="forward", help="source->target or back")
+    t.add_argument("--split", default=None, help="translate only this split's rows (e.g. test)")
+    t.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    t.add_argument("--data-root", dest="data_root", default=None, help="data root of the manifest")
+    t.set_defaults(func=run_translate)
+
     e = evaluate.add_parser(
         "scar",
         help="scar quantification and detection: n-SD, FWHM and the GMM posterior",
@@ -122,3 +161,17 @@ def register(commands, evaluate) -> None:
     e.add_argument("--test-fraction", dest="test_fraction", type=float, default=0.5, help="held-out patients")
     e.add_argument("--data-root", dest="data_root", default=None, help="data root of the manifest")
     e.set_defaults(func=run_evaluate_scar)
+
+    v = evaluate.add_parser(
+        "translation",
+        help="translation model: FD to the target domain and target-U-Net Dice, before vs after translation",
+        description="Write DIR/translation_metrics.csv and DIR/report.md from a manifest holding both domains "
+        "with a patient-level train/test split.",
+    )
+    v.add_argument("--model", required=True, help="fitted model directory whose family can translate")
+    v.add_argument("--manifest", required=True, help="manifest with both domains and a train/test split")
+    v.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    v.add_argument("--config", default=None, help="YAML with TranslationEvalConfig keys")
+    v.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    v.add_argument("--data-root", dest="data_root", default=None, help="data root of the manifest")
+    v.set_defaults(func=run_evaluate_translation)

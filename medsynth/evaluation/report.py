@@ -96,7 +96,7 @@ def plot_dice_boxes(per_case: pd.DataFrame, path: str | Path) -> Path:
     return _save(fig, Path(path))
 
 
-def _md_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
+def md_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
     for _, row in df.iterrows():
@@ -123,7 +123,7 @@ def write_fidelity_report(
         f"Extractor: `{fidelity['extractor'].iloc[0]}` (hash `{fidelity['extractor_hash'].iloc[0]}`); "
         f"n_real = {fidelity['n_real'].iloc[0]}, n_synthetic = {fidelity['n_synthetic'].iloc[0]}.",
         "",
-        _md_table(fidelity[["metric", "value", "ci_low", "ci_high"]]),
+        md_table(fidelity[["metric", "value", "ci_low", "ci_high"]]),
         "",
         "rfd = FD(synthetic, real half B) / FD(real half A, real half B): ~1 means as close as real data is to "
         "itself. MS-SSIM: lower = more diverse.",
@@ -134,7 +134,7 @@ def write_fidelity_report(
         plot_sample_grid(real, synthetic, out / "samples.png")
         parts += ["", "## Samples (top real, bottom synthetic)", "", "![samples](samples.png)"]
     if memorisation:
-        parts += ["", "## Memorisation", "", _md_table(pd.DataFrame([memorisation]))]
+        parts += ["", "## Memorisation", "", md_table(pd.DataFrame([memorisation]))]
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return out / "report.md"
@@ -175,7 +175,7 @@ def write_segmentation_report(
         f"({unit}) are means over test volumes; mean ± std over seeds; the difference to real-only is paired by "
         "seed and test volume, with a bootstrap CI over test volumes.",
         "",
-        _md_table(summary[[c for c in cols if c in summary.columns]]),
+        md_table(summary[[c for c in cols if c in summary.columns]]),
         "",
         "![dice](dice_boxes.png)",
     ]

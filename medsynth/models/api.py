@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 FIT_REPORT = "fit_report.json"
 
 
-def _preprocess_config(preprocess: Any):
+def preprocess_config(preprocess: Any):
     from medsynth.data.preprocess import PreprocessConfig
 
     if preprocess is None:
@@ -46,7 +46,7 @@ def load_manifest_slices(manifest: str | Path, data_root: str | Path | None = No
     """Slices of a manifest through the project's preprocessing (``preprocess``: config, dict or None)."""
     from medsynth.data.preprocess import load_slices
 
-    return load_slices(manifest, data_root=data_root, cfg=_preprocess_config(preprocess))
+    return load_slices(manifest, data_root=data_root, cfg=preprocess_config(preprocess))
 
 
 def split_train_val(slices: SliceSet) -> tuple[SliceSet, SliceSet | None]:
@@ -78,7 +78,7 @@ def fit_family(
         model = create_model(family, config, checkpoint_dir=out_dir.parent / f".{out_dir.name}.checkpoints")
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    cfg = _preprocess_config(preprocess)
+    cfg = preprocess_config(preprocess)
     slices = load_manifest_slices(manifest, data_root, cfg)
     if len(slices) == 0:
         raise ManifestError(f"{manifest}: no slices to fit on")
@@ -171,7 +171,7 @@ def sample_dataset(
         raise ConfigError(f"n: expected a positive number of samples, got {n}")
     model = load_model(model_dir)
     fit = read_fit_report(model_dir)
-    cfg = _preprocess_config(fit.get("preprocess"))
+    cfg = preprocess_config(fit.get("preprocess"))
     spacing = float(cfg.spacing_mm or 1.0)
     rng = make_rng(seed)
     source_meta = None
@@ -239,7 +239,7 @@ def scar_dataset(
     if not model.supports("scar"):
         raise MedsynthError(f"{model_dir}: the {model.family!r} model cannot insert scar (fit on LGE with scar labels)")
     fit = read_fit_report(model_dir)
-    cfg = _preprocess_config(fit.get("preprocess"))
+    cfg = preprocess_config(fit.get("preprocess"))
     slices = load_manifest_slices(manifest, data_root, cfg)
     rng = make_rng(seed)
     imgs, labs, rows = [], [], []
@@ -295,6 +295,65 @@ def scar_dataset(
             )
         df = pd.DataFrame(records).drop(columns=["name"])
         write_manifest(df, tmp / "manifest.csv")
+    return out_dir / "manifest.csv"
+
+
+def translate_dataset(
+    model_dir: str | Path,
+    manifest: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    data_root: str | Path | None = None,
+    direction: str = "forward",
+    split: str | None = None,
+) -> Path:
+    """Translate the from-domain slices of ``manifest`` (only the ``split`` rows when given) with a model
+    declaring ``translate``; write translated images with their original label maps (NIfTI pairs) and a
+    manifest whose domain column names the to-domain, with provenance. Returns the manifest path."""
+    model = load_model(model_dir)
+    if not model.supports("translate"):
+        raise MedsynthError(f"{model_dir}: the {model.family!r} model cannot translate")
+    fit = read_fit_report(model_dir)
+    cfg = preprocess_config(fit.get("preprocess"))
+    slices = load_manifest_slices(manifest, data_root, cfg)
+    if split is not None:
+        slices = slices.subset((slices.meta["split"].astype(str) == split).to_numpy())
+    key, src, dst, mask = model.translation_domains(slices, direction)
+    if not mask.any():
+        raise ManifestError(f"{manifest}: no slice with {key} = {src!r}{f' in split {split!r}' if split else ''}")
+    slices = slices.subset(mask)
+    images = model.translate(slices.images, seed=seed, direction=direction)
+    spacing = float(cfg.spacing_mm or 1.0)
+    names = [f"translated_{i:05d}" for i in range(len(slices))]
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        paths = write_pairs(tmp, images, slices.labels, names, spacing)
+        records = []
+        for i, p in enumerate(paths):
+            m = slices.meta.iloc[i]
+            row = {
+                "subject_id": str(m["subject_id"]),
+                **p,
+                "dataset": "translated",
+                "modality": str(m["modality"]),
+                "vendor": str(m["vendor"]),
+                "phase": str(m["phase"]) or "none",
+                "pathology": str(m["pathology"]),
+                "label_map": "canonical",
+                "split": str(m["split"]),
+                "source": "synthetic",
+                "family": model.family,
+                "model_hash": model.model_hash,
+                "seed": str(seed),
+                "source_case": f"{m['case']}#{m['slice_index']}",
+                "config_hash": config_hash(model),
+                "translated_from": src,
+            }
+            if key in row:
+                row[key] = dst
+            records.append(row)
+        write_manifest(pd.DataFrame(records), tmp / "manifest.csv")
+    log.info("translated %d %s slices (%s -> %s) into %s", len(slices), key, src, dst, out_dir)
     return out_dir / "manifest.csv"
 
 

@@ -93,8 +93,14 @@ class GenerativeModel(ABC):
         """Anomaly / likelihood scores; only for families declaring ``"score"``."""
         raise CapabilityError(f"family {self.family!r} cannot score (capabilities: {sorted(self.capabilities)})")
 
-    def translate(self, images: np.ndarray, seed: int = 0) -> np.ndarray:
-        """Image-to-image translation of (N, 1, H, W); only for families declaring ``"translate"``."""
+    def translate(self, images: np.ndarray, seed: int = 0, direction: str = "forward") -> np.ndarray:
+        """Image-to-image translation of (N, 1, H, W) into the target domain (``"backward"``: into the source
+        domain), same shape; only for families declaring ``"translate"``."""
+        raise CapabilityError(f"family {self.family!r} cannot translate (capabilities: {sorted(self.capabilities)})")
+
+    def translation_domains(self, slices: SliceSet, direction: str = "forward") -> tuple[str, str, str, np.ndarray]:
+        """``(metadata column, from-domain, to-domain, mask (N,) of the slices in the from-domain)`` for
+        ``direction``; only for families declaring ``"translate"``."""
         raise CapabilityError(f"family {self.family!r} cannot translate (capabilities: {sorted(self.capabilities)})")
 
     def insert_scar(self, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> Samples:

@@ -22,6 +22,7 @@ _BUILTIN: dict[str, str] = {
     "vae": "medsynth.models.latent.autoencoder:VAEModel",
     "cvae": "medsynth.models.latent.autoencoder:CVAEModel",
     "flow": "medsynth.models.flow.model:FlowModel",
+    "cyclegan": "medsynth.models.translation.cyclegan:CycleGANModel",
 }
 _LOADED: dict[str, type[GenerativeModel]] = {}
 

@@ -99,13 +99,16 @@ def train_loop(
     desc: str = "train",
     progress: bool = True,
     clip_grad: float | None = None,
+    extra_state: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``module`` for ``steps`` optimizer steps on mini-batches of ``data`` (N, ...).
 
     ``loss_fn(batch, step)`` returns the scalar loss and a dict of floats to log. With ``checkpoint_dir`` set, a
     checkpoint is written every ``checkpoint_every`` steps and at the end, and an existing checkpoint there is
     resumed from (its step count continues; a finished run is not retrained). Raises :class:`TrainingError`
-    naming the step when the loss is NaN/Inf. ``clip_grad`` clips the global gradient norm.
+    naming the step when the loss is NaN/Inf. ``clip_grad`` clips the global gradient norm. ``extra_state``:
+    further objects with ``state_dict`` / ``load_state_dict`` that ``loss_fn`` steps itself (e.g. a GAN's
+    discriminator optimizer), checkpointed and resumed with the rest.
     """
     if steps < 0:
         raise ValueError(f"steps: must be >= 0, got {steps}")
@@ -120,6 +123,8 @@ def train_loop(
         optimizer.load_state_dict(ckpt["optimizer"])
         start = int(ckpt["step"])
         losses = [float(v) for v in ckpt.get("losses", [])]
+        for name, obj in (extra_state or {}).items():
+            obj.load_state_dict(ckpt["extra"][name])
         torch.set_rng_state(ckpt["torch_rng"])
         log.info("%s: resuming from %s at step %d", desc, ckpt_path, start)
     result = TrainResult(step=start, losses=losses, resumed_from=start)
@@ -141,14 +146,17 @@ def train_loop(
         result.step, result.logs = step + 1, {k: float(v) for k, v in logs.items()}
         bar.set_postfix(loss=f"{value:.4g}")
         if ckpt_path is not None and checkpoint_every > 0 and (step + 1) % checkpoint_every == 0:
-            _checkpoint(ckpt_path, module, optimizer, step + 1, losses)
+            _checkpoint(ckpt_path, module, optimizer, step + 1, losses, extra_state)
     if ckpt_path is not None and result.step > start:
-        _checkpoint(ckpt_path, module, optimizer, result.step, losses)
+        _checkpoint(ckpt_path, module, optimizer, result.step, losses, extra_state)
     module.eval()
     return result
 
 
-def _checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, losses) -> None:
-    save_checkpoint(
-        path, module, optimizer, {"step": step, "losses": torch.tensor(losses), "torch_rng": torch.get_rng_state()}
-    )
+def _checkpoint(
+    path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, losses, extra_state=None
+) -> None:
+    state = {"step": step, "losses": torch.tensor(losses), "torch_rng": torch.get_rng_state()}
+    if extra_state:
+        state["extra"] = {name: obj.state_dict() for name, obj in extra_state.items()}
+    save_checkpoint(path, module, optimizer, state)

@@ -14,7 +14,8 @@ from medsynth.data.preprocess import PreprocessConfig
 
 class PhantomSource(StrictModel):
     subjects: int = Field(8, ge=2)
-    contrast: Literal["cine", "lge"] = "cine"
+    #: ``cine+lge``: both contrasts (``subjects`` each, different subjects), the two domains of a translate run
+    contrast: Literal["cine", "lge", "cine+lge"] = "cine"
     scanner: Literal["A", "B"] = "A"
 
 
@@ -25,7 +26,9 @@ class DataConfig(StrictModel):
     phantom: PhantomSource = PhantomSource()
     layout: str | None = None  # e.g. acdc, png-slices, mnms, emidec, nnunet
     root: str | None = None  # layout root, relative to the data root
-    manifest: str | None = None  # manifest CSV, relative to the data root
+    #: manifest CSV, relative to the data root; or an existing path from the working directory (e.g.
+    #: data_manifests/acdc_emidec.csv) whose image paths are relative to the data root
+    manifest: str | None = None
     data_root_env: str = "MEDSYNTH_DATA_ROOT"
     splits: dict[str, float] = {"train": 0.6, "val": 0.1, "test": 0.3}
     max_subjects: int | None = Field(None, ge=2)  # subsample subjects (stratified) for quick runs
@@ -110,10 +113,22 @@ class AnomalyStageConfig(StrictModel):
     baselines: bool = True
 
 
+class TranslationStageConfig(StrictModel):
+    """Translate flow: FD to the target domain and target-U-Net Dice before / after translation (keys of
+    :class:`medsynth.evaluation.translation.TranslationEvalConfig`)."""
+
+    enabled: bool = True
+    extractor: str = "random_cnn"
+    bootstrap: int = Field(100, ge=0)
+    direction: Literal["forward", "backward"] = "forward"
+    segmentation: dict[str, Any] = {}  # validated by medsynth.evaluation.segmentation's config
+
+
 class EvaluationConfig(StrictModel):
     fidelity: FidelityStageConfig = FidelityStageConfig()
     segmentation: SegmentationStageConfig = SegmentationStageConfig()
     anomaly: AnomalyStageConfig = AnomalyStageConfig()
+    translation: TranslationStageConfig = TranslationStageConfig()
 
 
 class RunnerConfig(StrictModel):
@@ -133,10 +148,10 @@ class OutputConfig(StrictModel):
 
 
 class RunConfig(StrictModel):
-    """A whole pipeline run. ``flow`` selects the Prefect flow (augment, anomaly)."""
+    """A whole pipeline run. ``flow`` selects the Prefect flow (augment, anomaly, translate)."""
 
     run_name: str = "run"
-    flow: Literal["augment", "anomaly"] = "augment"
+    flow: Literal["augment", "anomaly", "translate"] = "augment"
     seed: int = 0
     data: DataConfig = DataConfig()
     preprocess: PreprocessConfig = PreprocessConfig()

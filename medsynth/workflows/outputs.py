@@ -124,10 +124,15 @@ def write_run_outputs(
     metric_tables: dict[str, str],
     report_md: str,
     figures: list[str],
+    real_domain: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Assemble ``OUT/<run_name>`` atomically; returns ``{"path": ..., "cases": ...}``."""
+    """Assemble ``OUT/<run_name>`` atomically; returns ``{"path": ..., "cases": ...}``. ``real_domain``
+    ``(column, value)`` keeps only those real training cases (a translate run's target domain)."""
     target = Path(out_root) / run_name
     train = SliceSet.load(artefact(slices_record, "train"))
+    if real_domain is not None:
+        column, value = real_domain
+        train = train.subset((train.meta[column].astype(str).str.strip().str.lower() == value).to_numpy())
     cases = _real_cases(train)
     for rec in synth_records:
         if rec.get("has_labels"):

@@ -51,6 +51,9 @@ def prepare_manifest(work: str, data: dict[str, Any], seed: int, data_root: str 
             )
         base = Path(data_root) if data_root else Path("/")
         target = base / (data["root"] or "") if source == "layout" else base / data["manifest"]
+        if source == "manifest" and not Path(data["manifest"]).is_absolute() and Path(data["manifest"]).is_file():
+            # a manifest shipped with the project (data_manifests/…): its paths are under the data root
+            target, inputs["manifest_data_root"] = Path(data["manifest"]), str(data_root) if data_root else None
         if not target.exists():
             raise ConfigError(f"data.{'root' if source == 'layout' else 'manifest'}: {target} does not exist")
         root = target
@@ -62,18 +65,26 @@ def prepare_manifest(work: str, data: dict[str, Any], seed: int, data_root: str 
             from medsynth.phantom import generate_dataset
 
             ph = data["phantom"]
-            src_manifest = generate_dataset(
-                tmp / "phantom", subjects=ph["subjects"], contrast=ph["contrast"], scanner=ph["scanner"], seed=seed
-            )
-            df = read_manifest(src_manifest)
-            df_root = Path(src_manifest).parent
+            parts = []
+            for k, contrast in enumerate(ph["contrast"].split("+")):
+                folder = f"phantom_{contrast}" if "+" in ph["contrast"] else "phantom"
+                m = generate_dataset(
+                    tmp / folder, subjects=ph["subjects"], contrast=contrast, scanner=ph["scanner"], seed=seed + k
+                )
+                part = read_manifest(m)
+                if "+" in ph["contrast"]:  # one manifest over both folders; subject ids kept apart
+                    part["image"], part["label"] = folder + "/" + part["image"], folder + "/" + part["label"]
+                    part["subject_id"] = contrast + "_" + part["subject_id"]
+                parts.append(part)
+            df = pd.concat(parts, ignore_index=True)
+            df_root = tmp if "+" in ph["contrast"] else Path(m).parent
         elif source == "layout":
             from medsynth.data.layouts import build_manifest
 
             df = build_manifest(data["layout"], root, lenient=data["lenient"])
             df_root = root
         else:
-            df, df_root = load_manifest(root, lenient=data["lenient"])
+            df, df_root = load_manifest(root, data_root=inputs.get("manifest_data_root"), lenient=data["lenient"])
         df = _limit_subjects(df, data.get("max_subjects"), seed)
         if (df["split"] == "").any():
             df = assign_splits(df, fractions=data["splits"], seed=seed)
@@ -222,6 +233,41 @@ def synthesize(
         }
 
     return run_stage(work, "synthesis", inputs, build)
+
+
+def translate_cases(
+    work: str, model_record: dict[str, Any], slices_record: dict[str, Any], direction: str, seed: int
+) -> dict[str, Any]:
+    """The from-domain training slices translated to the to-domain, labels carried over (``translate``)."""
+    from medsynth.models.registry import load_model
+
+    inputs = {"model": model_record["key"], "slices": slices_record["key"], "direction": direction, "seed": seed}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        model = load_model(artefact(model_record))
+        train = load_split(slices_record, "train")
+        key, src, dst, mask = model.translation_domains(train, direction)
+        if not mask.any():
+            raise ConfigError(f"models[{model_record['name']}]: no training slice with {key} = {src!r} to translate")
+        source = train.subset(mask)
+        meta = _synthetic_meta(source.meta, model_record, seed, from_labels=True)
+        if key in meta.columns:
+            meta[key] = dst
+        meta["translated_from"] = src
+        translated = model.translate(source.images, seed=seed, direction=direction)
+        SliceSet(translated, source.labels, meta).save(tmp / "synthetic.npz")
+        source.save(tmp / "source.npz")  # the untranslated inputs, for before / after figures
+        return {
+            "path": "synthetic.npz",
+            "source": "source.npz",
+            "n": len(source),
+            "has_labels": True,
+            "name": model_record["name"],
+            "family": model.family,
+            "domain": [key, dst],
+        }
+
+    return run_stage(work, "translation", inputs, build)
 
 
 def _synthetic_meta(src: pd.DataFrame, model_record: dict[str, Any], seed: int, from_labels: bool) -> pd.DataFrame:

@@ -1,0 +1,1 @@
+"""Image-to-image translation families (capability ``translate``): CycleGAN."""
