@@ -19,16 +19,36 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
-    """One readable line per problem, naming the dotted key and, for unknown keys, the allowed ones."""
+class KeyProblem(ValueError):  # noqa: N818 - raised inside validators, reported as a ConfigError
+    """Raise inside a cross-field validator to name the offending key (relative to the model validated).
+
+    Pydantic reports errors of a ``model_validator`` at the model's own location; this carries the key so the
+    message names e.g. ``models.0.params.target`` instead of ``models.0.params``."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(message)
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], source: str, prefix: str = "") -> str:
+    """One readable line per problem, naming the dotted key (under ``prefix``) and, for unknown keys, the
+    allowed ones."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = tuple(e["loc"])
+        cause = (e.get("ctx") or {}).get("error")
+        msg = e["msg"]
+        if isinstance(cause, KeyProblem):
+            loc = loc + tuple(cause.key.split("."))
+            msg = str(cause)
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        key = ".".join([prefix] * bool(prefix) + [str(p) for p in loc])
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, e["loc"][:-1])
-            lines.append(f"{source}: unknown key '{loc}'; allowed keys: {', '.join(allowed)}")
+            allowed = _allowed_keys(model, loc[:-1])
+            lines.append(f"{source}: unknown key '{key}'; allowed keys: {', '.join(allowed)}")
         else:
-            lines.append(f"{source}: key '{loc}': {e['msg']}")
+            lines.append(f"{source}: key '{key}': {msg}")
     return "; ".join(lines)
 
 
@@ -37,8 +57,14 @@ def _allowed_keys(model: type[BaseModel], parent: tuple) -> list[str]:
     for part in parent:
         field = getattr(cur, "model_fields", {}).get(part)
         if field is None:
+            # a list index (models.0.…): descend into the list's item type
+            if isinstance(part, int) and cur is not None:
+                continue
             return []
         ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)) and len(args) == 1:
+            ann = args[0]  # list[Model]
         cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
         if cur is None:
             # unions / discriminated families: report nothing rather than guess
@@ -46,16 +72,20 @@ def _allowed_keys(model: type[BaseModel], parent: tuple) -> list[str]:
     return sorted(getattr(cur, "model_fields", {}))
 
 
-def validate(model: type[M], data: Any, source: str = "config") -> M:
-    """Validate ``data`` (a mapping) into ``model``; raise :class:`ConfigError` naming the bad keys."""
+def validate(model: type[M], data: Any, source: str = "config", prefix: str = "") -> M:
+    """Validate ``data`` (a mapping) into ``model``; raise :class:`ConfigError` naming the bad keys.
+
+    ``prefix`` is the dotted path of ``data`` inside a larger file (e.g. ``models.0.params``), so every
+    message names the full key path."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
+        where = f"key '{prefix}': " if prefix else ""
+        raise ConfigError(f"{source}: {where}expected a mapping, got {type(data).__name__}")
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, model, source)) from None
+        raise ConfigError(format_validation_error(err, model, source, prefix)) from None
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -136,7 +136,7 @@ def test_bad_inputs_named(two_domains):
 
 
 def test_translate_dataset_writes_pairs_with_source_labels(two_domains, fitted, tmp_path):
-    from medsynth.models.api import translate_dataset
+    from medsynth.workflows.commands import translate_dataset
 
     slices, manifest = two_domains
     model, _ = fitted

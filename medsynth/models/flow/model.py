@@ -26,11 +26,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from medsynth.config import StrictModel
+from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
-from medsynth.models.base import AnomalyScores, GenerativeModel, Samples
+from medsynth.models.base import AnomalyScores, GenerativeModel, Sampler, Samples, Scorer
 from medsynth.models.flow.layers import Glow, gaussian_nll
 from medsynth.models.latent.common import check_slices, maps_to_size, to_size
 from medsynth.models.training import train_loop
@@ -59,19 +59,26 @@ class FlowConfig(StrictModel):
     checkpoint_every: int = Field(200, ge=0)
     progress: bool = True
 
+    @model_validator(mode="after")
+    def _check(self) -> FlowConfig:
+        if self.image_size % (2**self.levels):
+            raise KeyProblem("image_size", f"image_size: {self.image_size} is not divisible by 2**levels")
+        return self
 
-class FlowModel(GenerativeModel):
+
+class FlowModel(GenerativeModel, Sampler, Scorer):
     """Glow-style normalizing flow; unconditional; exact likelihood; scores by NLL."""
 
     family: ClassVar[str] = "flow"
     Config: ClassVar[type[StrictModel]] = FlowConfig
     conditional: ClassVar[bool] = False
-    capabilities: ClassVar[frozenset[str]] = frozenset({"score"})
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        return {"image_size": 16, "levels": 2, "depth": 1, "hidden": 8, "steps": 3, "batch_size": 4, "progress": False}
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
-        if self.config.image_size % (2**self.config.levels):
-            raise ValueError(f"image_size: {self.config.image_size} is not divisible by 2**levels")
         self.net: Glow | None = None
         self.native: tuple[int, int] = (self.config.image_size, self.config.image_size)
 

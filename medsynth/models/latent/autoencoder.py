@@ -41,14 +41,14 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.nets import VarAutoEncoder
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
-from medsynth.config import StrictModel
+from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
 from medsynth.errors import LabelError
 from medsynth.labels import MVO, MYO, N_CLASSES, SCAR
-from medsynth.models.base import AnomalyScores, GenerativeModel, Samples
+from medsynth.models.base import AnomalyScores, GenerativeModel, Sampler, Samples, Scorer
 from medsynth.models.latent.common import check_slices, labels_to_size, maps_to_size, one_hot, to_size
 from medsynth.models.training import train_loop
 from medsynth.utils.seeding import exclusive_global_rng, seed_everything
@@ -70,6 +70,16 @@ class AEConfig(StrictModel):
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(200, ge=0)
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> AEConfig:
+        if len(self.channels) != len(self.strides):
+            lengths = f"{len(self.channels)} vs {len(self.strides)}"
+            raise KeyProblem("strides", f"channels/strides: lengths differ ({lengths})")
+        factor = int(np.prod(self.strides))
+        if self.image_size % factor:
+            raise KeyProblem("image_size", f"image_size: {self.image_size} is not divisible by prod(strides)={factor}")
+        return self
 
 
 class DAEConfig(AEConfig):
@@ -124,22 +134,24 @@ class CondVAENet(nn.Module):
         return self.head(torch.cat([h, cond], dim=1))
 
 
-class AEModel(GenerativeModel):
+class AEModel(GenerativeModel, Sampler, Scorer):
     """Deterministic autoencoder (MONAI VarAutoEncoder, mean head only); scores by reconstruction error."""
 
     family: ClassVar[str] = "ae"
     Config: ClassVar[type[StrictModel]] = AEConfig
     conditional: ClassVar[bool] = False
-    capabilities: ClassVar[frozenset[str]] = frozenset({"score"})
     variational: ClassVar[bool] = False
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        return {
+            "image_size": 16, "latent_size": 4, "channels": (4, 8), "strides": (2, 2), "steps": 3, "batch_size": 4,
+            "progress": False,
+        }  # fmt: skip
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
         cfg = self.config
-        if len(cfg.channels) != len(cfg.strides):
-            raise ValueError(f"channels/strides: lengths differ ({len(cfg.channels)} vs {len(cfg.strides)})")
-        if cfg.image_size % int(np.prod(cfg.strides)):
-            raise ValueError(f"image_size: {cfg.image_size} is not divisible by prod(strides)={np.prod(cfg.strides)}")
         self.net: nn.Module | None = None
         self.native: tuple[int, int] = (cfg.image_size, cfg.image_size)
         self.code_mean: np.ndarray | None = None  # AE/DAE: Gaussian over training codes

@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import PatchDiscriminator
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
-from medsynth.config import StrictModel
+from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
 from medsynth.errors import MedsynthError
-from medsynth.models.base import CapabilityError, GenerativeModel, Samples
+from medsynth.models.base import GenerativeModel, TranslationDomains, Translator
 from medsynth.models.latent.common import check_slices, maps_to_size, to_size
 from medsynth.models.training import batch_indices, train_loop
 from medsynth.models.translation.networks import ResnetGenerator
@@ -59,6 +59,17 @@ class CycleGANConfig(StrictModel):
     checkpoint_every: int = Field(200, ge=0)
     progress: bool = True
 
+    @model_validator(mode="after")
+    def _check(self) -> CycleGANConfig:
+        factor = 2 ** (len(self.channels) - 1)
+        if self.image_size % factor:
+            raise KeyProblem(
+                "image_size", f"image_size: {self.image_size} is not divisible by 2^(len(channels)-1)={factor}"
+            )
+        if self.source.strip().lower() == self.target.strip().lower():
+            raise KeyProblem("target", f"source/target: the two domains must differ (both {self.source!r})")
+        return self
+
 
 def _domain_values(slices: SliceSet, key: str) -> np.ndarray:
     if key not in slices.meta.columns:
@@ -66,22 +77,24 @@ def _domain_values(slices: SliceSet, key: str) -> np.ndarray:
     return slices.meta[key].astype(str).str.strip().str.lower().to_numpy()
 
 
-class CycleGANModel(GenerativeModel):
+class CycleGANModel(GenerativeModel, Translator):
     """Unpaired translation ``source`` ↔ ``target``; ``translate`` maps source-domain slices to the target."""
 
     family: ClassVar[str] = "cyclegan"
     Config: ClassVar[type[StrictModel]] = CycleGANConfig
     conditional: ClassVar[bool] = False
-    capabilities: ClassVar[frozenset[str]] = frozenset({"translate"})
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        # the contract test's tiny slices carry two pathologies, which serve as the two domains
+        return {
+            "domain_key": "pathology", "source": "normal", "target": "infarct", "image_size": 16,
+            "channels": (4, 8), "n_res_blocks": 1, "disc_channels": 4, "disc_layers": 1, "steps": 3,
+            "batch_size": 2, "progress": False,
+        }  # fmt: skip
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
-        cfg = self.config
-        factor = 2 ** (len(cfg.channels) - 1)
-        if cfg.image_size % factor:
-            raise ValueError(f"image_size: {cfg.image_size} is not divisible by 2^(len(channels)-1)={factor}")
-        if cfg.source.strip().lower() == cfg.target.strip().lower():
-            raise ValueError(f"source/target: the two domains must differ (both {cfg.source!r})")
         self.g_ab: nn.Module | None = None  # source → target
         self.g_ba: nn.Module | None = None  # target → source
 
@@ -99,14 +112,14 @@ class CycleGANModel(GenerativeModel):
         values = _domain_values(slices, self.config.domain_key)
         return values == self.config.source.strip().lower(), values == self.config.target.strip().lower()
 
-    def translation_domains(self, slices: SliceSet, direction: str = "forward") -> tuple[str, str, str, np.ndarray]:
+    def translation_domains(self, slices: SliceSet, direction: str = "forward") -> TranslationDomains:
         cfg = self.config
         src, dst = cfg.source.strip().lower(), cfg.target.strip().lower()
         is_a, is_b = self.domains(slices)
         if direction == "forward":
-            return cfg.domain_key, src, dst, is_a
+            return TranslationDomains(cfg.domain_key, src, dst, is_a)
         if direction == "backward":
-            return cfg.domain_key, dst, src, is_b
+            return TranslationDomains(cfg.domain_key, dst, src, is_b)
         raise ValueError(f"direction: 'forward' or 'backward', got {direction!r}")
 
     # ---- fitting -------------------------------------------------------------------------------------
@@ -205,12 +218,6 @@ class CycleGANModel(GenerativeModel):
         return out
 
     # ---- contract ------------------------------------------------------------------------------------
-    def sample(self, n: int, labels: np.ndarray | None = None, seed: int = 0) -> Samples:
-        raise CapabilityError(
-            f"{self.family}: translates given images and does not sample; use translate(images) on source-domain "
-            f"slices (labels carry over)"
-        )
-
     @torch.no_grad()
     def translate(self, images: np.ndarray, seed: int = 0, direction: str = "forward") -> np.ndarray:
         """Source-domain images (N, 1, H, W) → target appearance (``direction="backward"``: target → source),
