@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from medsynth.errors import ConfigError
 
@@ -25,9 +26,42 @@ class KeyProblem(ValueError):  # noqa: N818 - raised inside validators, reported
     Pydantic reports errors of a ``model_validator`` at the model's own location; this carries the key so the
     message names e.g. ``models.0.params.target`` instead of ``models.0.params``."""
 
-    def __init__(self, key: str, message: str) -> None:
-        self.key = key
+    def __init__(self, key: str, message: str, allowed: list[str] | None = None) -> None:
+        self.key, self.allowed = key, allowed
         super().__init__(message)
+
+
+def check_with(model: type[BaseModel] | str, data: Any, key: str = "") -> BaseModel:
+    """Validate ``data`` with ``model`` (a class or ``"module:Class"``, imported when first needed) inside
+    another config's validator; the first problem becomes a :class:`KeyProblem` naming its key under ``key``."""
+    if isinstance(model, str):
+        module, name = model.split(":")
+        model = getattr(importlib.import_module(module), name)
+    if not isinstance(data, dict):
+        raise KeyProblem(key, f"expected a mapping, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = tuple(e["loc"])
+        cause = (e.get("ctx") or {}).get("error")
+        inner = ".".join(str(p) for p in loc + ((cause.key,) if isinstance(cause, KeyProblem) else ()))
+        full = ".".join(k for k in (key, inner) if k)
+        if e["type"] == "extra_forbidden":
+            raise KeyProblem(full, "unknown key", allowed=_allowed_keys(model, loc[:-1])) from None
+        msg = str(cause) if isinstance(cause, KeyProblem) else e["msg"].removeprefix("Value error, ")
+        raise KeyProblem(full, msg) from None
+
+
+def nested(model: str) -> Any:
+    """Type of a config section kept as the mapping given but validated by ``model`` (``"module:Class"``, imported
+    lazily so reading a run config does not import e.g. torch) when the enclosing config is validated."""
+
+    def check(value: dict[str, Any]) -> dict[str, Any]:
+        check_with(model, value)
+        return value
+
+    return Annotated[dict[str, Any], AfterValidator(check)]
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel], source: str, prefix: str = "") -> str:
@@ -39,8 +73,12 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
         cause = (e.get("ctx") or {}).get("error")
         msg = e["msg"]
         if isinstance(cause, KeyProblem):
-            loc = loc + tuple(cause.key.split("."))
+            loc = loc + tuple(k for k in cause.key.split(".") if k)
             msg = str(cause)
+            if cause.allowed is not None:
+                key = ".".join([prefix] * bool(prefix) + [str(p) for p in loc])
+                lines.append(f"{source}: unknown key '{key}'; allowed keys: {', '.join(cause.allowed)}")
+                continue
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         key = ".".join([prefix] * bool(prefix) + [str(p) for p in loc])

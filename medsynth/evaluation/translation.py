@@ -16,13 +16,13 @@ Arrays stay in :class:`~medsynth.data.slices.SliceSet` (images (N, 1, H, W), lab
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from medsynth.config import StrictModel
+from medsynth.config import StrictModel, nested
 from medsynth.data.slices import SliceSet
 from medsynth.errors import MedsynthError
 from medsynth.evaluation.features import get_extractor
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 class TranslationEvalConfig(StrictModel):
     extractor: str = "random_cnn"
     bootstrap: int = Field(100, ge=0)
-    segmentation: dict[str, Any] = {}  # SegmentationConfig keys for the target-domain U-Net
-    direction: str = "forward"
+    #: SegmentationConfig keys for the target-domain U-Net (validated with the config)
+    segmentation: nested("medsynth.evaluation.segmentation:SegmentationConfig") = {}
+    direction: Literal["forward", "backward"] = "forward"
 
 
 def evaluate_translation(
