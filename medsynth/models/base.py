@@ -276,7 +276,7 @@ class GenerativeModel(ABC):
         with atomic_dir(directory) as tmp:
             if arrays:
                 save_file(arrays, str(tmp / WEIGHTS_FILE))
-            (tmp / MODEL_FILE).write_text(json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
+            (tmp / MODEL_FILE).write_text(json.dumps(record, indent=2, default=json_default), encoding="utf-8")
             self.write_artifacts(tmp)
         log.info("saved %s model to %s (hash %s)", self.family, directory, record["model_hash"])
         return Path(directory)
@@ -316,9 +316,13 @@ def read_model_record(directory: str | Path) -> dict[str, Any]:
     return record
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps`` fallback for the records medsynth writes (model records, fit reports): numpy values
+    and paths; anything else is an error rather than a silent ``str``."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -18,7 +18,7 @@ import pandas as pd
 from medsynth.data.loading import load_manifest_slices, preprocess_config, split_train_val
 from medsynth.data.slices import SliceSet
 from medsynth.errors import InputFileError, ManifestError
-from medsynth.models.base import GenerativeModel, require
+from medsynth.models.base import GenerativeModel, json_default, require
 from medsynth.models.registry import load_model
 from medsynth.utils.atomic import atomic_dir, atomic_file
 from medsynth.utils.hashing import sha256_file
@@ -32,7 +32,7 @@ FIT_REPORT = "fit_report.json"
 def write_fit_report(model_dir: str | Path, record: dict[str, Any]) -> Path:
     path = Path(model_dir) / FIT_REPORT
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
+        tmp.write_text(json.dumps(record, indent=2, default=json_default), encoding="utf-8")
     return path
 
 
@@ -53,6 +53,16 @@ def load_fitted(model_dir: str | Path) -> tuple[GenerativeModel, Any]:
 
 def _spacing(cfg: Any) -> float:
     return float(cfg.spacing_mm or 1.0)
+
+
+def _apply(
+    model_dir: str | Path, capability: str, manifest: str | Path, data_root: str | Path | None
+) -> tuple[GenerativeModel, Any, SliceSet]:
+    """A saved model that offers ``capability`` (CapabilityError naming the folder otherwise), its
+    preprocessing, and the manifest's slices preprocessed the same way."""
+    model, cfg = load_fitted(model_dir)
+    require(model, capability, str(model_dir))
+    return model, cfg, load_manifest_slices(manifest, data_root, cfg)
 
 
 def fit_family(
@@ -129,9 +139,7 @@ def scar_dataset(
 ) -> Path:
     """Scar / scar-free pairs (:func:`medsynth.workflows.ops.scar_pairs`) of the LGE slices of ``manifest``
     with a model that can insert scar; NIfTI pairs + manifest (``pair_id``, ``variant``). Returns the manifest."""
-    model, cfg = load_fitted(model_dir)
-    require(model, "scar", f"{model_dir} (fit on LGE with scar labels)")
-    slices = load_manifest_slices(manifest, data_root, cfg)
+    model, cfg, slices = _apply(model_dir, "scar", manifest, data_root)
     try:
         pairs = ops.scar_pairs(model, slices, seed)
     except ManifestError as err:
@@ -151,9 +159,7 @@ def translate_dataset(
     """Translate the from-domain slices of ``manifest`` (only the ``split`` rows when given) with a model
     that can ``translate``; write translated images with their original label maps (NIfTI pairs) and a
     manifest whose domain column names the to-domain, with provenance. Returns the manifest path."""
-    model, cfg = load_fitted(model_dir)
-    require(model, "translate", str(model_dir))
-    slices = load_manifest_slices(manifest, data_root, cfg)
+    model, cfg, slices = _apply(model_dir, "translate", manifest, data_root)
     if split is not None:
         slices = slices.subset((slices.meta["split"].astype(str) == split).to_numpy())
     try:
@@ -193,9 +199,7 @@ def detect_manifest(
 ) -> dict[str, Path]:
     """``medsynth detect``: score a manifest's slices with a saved model that can ``score`` (preprocessed as
     the model was fitted) and write the tables of :func:`detect`."""
-    model, cfg = load_fitted(model_dir)
-    require(model, "score", str(model_dir))
-    slices = load_manifest_slices(manifest, data_root, cfg)
+    model, _, slices = _apply(model_dir, "score", manifest, data_root)
     written = detect(model, slices, out_dir, agg=agg, baselines=baselines)
     log.info("scored %d slices with %s: wrote %s", len(slices), model.family, ", ".join(map(str, written.values())))
     return written
@@ -253,9 +257,7 @@ def run_translation_evaluation(
     from medsynth.evaluation.report import md_table
     from medsynth.evaluation.translation import TranslationEvalConfig, evaluate_translation
 
-    model, cfg = load_fitted(model_dir)
-    require(model, "translate", str(model_dir))
-    slices = load_manifest_slices(manifest, data_root, cfg)
+    model, _, slices = _apply(model_dir, "translate", manifest, data_root)
     splits = slices.meta["split"].astype(str)
     train, test = slices.subset((splits == "train").to_numpy()), slices.subset((splits == "test").to_numpy())
     if len(train) == 0 or len(test) == 0:
@@ -281,13 +283,3 @@ def _write_csv(df: pd.DataFrame, path: Path) -> Path:
     with atomic_file(path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
     return path
-
-
-def _json_default(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)

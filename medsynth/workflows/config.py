@@ -181,7 +181,8 @@ class RunConfig(StrictModel):
     seed: int = 0
     data: DataConfig = DataConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
-    models: list[ModelSpec] = [ModelSpec(family="gmm")]
+    #: default: the registry's first family that can sample (looked up when a config leaves ``models`` out)
+    models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(family=_default_family())])
     synthesis: SynthesisConfig = SynthesisConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     runner: RunnerConfig = RunnerConfig()
@@ -221,6 +222,12 @@ class RunConfig(StrictModel):
                 f"no configured model can insert scar; families that can: {families_with('scar')}",
             )
         return self
+
+
+def _default_family() -> str:
+    from medsynth.models.registry import default_family
+
+    return default_family("sample")
 
 
 def load_run_config(path: str | Path) -> RunConfig:

@@ -125,6 +125,27 @@ def _markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     return "\n".join(lines)
 
 
+def _report_head(
+    title: str,
+    config: dict[str, Any],
+    config_hash: str,
+    manifest_record: dict[str, Any],
+    slices_record: dict[str, Any],
+    model_records: list[dict[str, Any]],
+) -> list[str]:
+    """First report lines of a run: name, config hash, seed, data, split sizes and the fitted models."""
+    models = [{"name": m["name"], "family": m["family"], "model_hash": m["model_hash"]} for m in model_records]
+    return [
+        f"# medsynth {title} `{config['run_name']}`",
+        "",
+        f"Config hash `{config_hash}`, seed {config['seed']}, data source `{config['data']['source']}`.",
+        f"Subjects per split: {manifest_record['subjects']}; slices per split: {slices_record['counts']}.",
+        "",
+        "## Models",
+        _markdown_table(pd.DataFrame(models)),
+    ]
+
+
 def write_augment_outputs(
     work: str,
     out: str,
@@ -143,19 +164,7 @@ def write_augment_outputs(
     staging = Path(work) / "report"
     staging.mkdir(parents=True, exist_ok=True)
     tables: dict[str, str] = {}
-    sections = [
-        f"# medsynth run `{config['run_name']}`",
-        "",
-        f"Config hash `{config_hash}`, seed {config['seed']}, data source `{config['data']['source']}`.",
-        f"Subjects per split: {manifest_record['subjects']}; slices per split: {slices_record['counts']}.",
-        "",
-        "## Models",
-        _markdown_table(
-            pd.DataFrame(
-                [{"name": m["name"], "family": m["family"], "model_hash": m["model_hash"]} for m in model_records]
-            )
-        ),
-    ]
+    sections = _report_head("run", config, config_hash, manifest_record, slices_record, model_records)
     summary_for_artifact: pd.DataFrame | None = None
     if fidelity_records:
         fid = pd.concat([pd.read_csv(artefact(r)) for r in fidelity_records], ignore_index=True)
@@ -227,19 +236,7 @@ def write_translate_outputs(
     staging = Path(work) / "report"
     staging.mkdir(parents=True, exist_ok=True)
     tables: dict[str, str] = {}
-    sections = [
-        f"# medsynth translate run `{config['run_name']}`",
-        "",
-        f"Config hash `{config_hash}`, seed {config['seed']}, data source `{config['data']['source']}`.",
-        f"Subjects per split: {manifest_record['subjects']}; slices per split: {slices_record['counts']}.",
-        "",
-        "## Models",
-        _markdown_table(
-            pd.DataFrame(
-                [{"name": m["name"], "family": m["family"], "model_hash": m["model_hash"]} for m in model_records]
-            )
-        ),
-    ]
+    sections = _report_head("translate run", config, config_hash, manifest_record, slices_record, model_records)
     if metric_records:
         metrics = pd.concat([pd.read_csv(artefact(r)) for r in metric_records], ignore_index=True)
         metrics.to_csv(staging / "translation_metrics.csv", index=False)
