@@ -19,7 +19,7 @@ import torch
 
 from medsynth.data.cohorts import scar_eligible
 from medsynth.data.slices import SliceSet
-from medsynth.errors import CapabilityError, ConfigError, LabelError
+from medsynth.errors import CapabilityError, ConfigError, InputFileError, LabelError
 from medsynth.labels import MVO, MYO, SCAR
 from medsynth.models.base import CAPABILITIES, CAPABILITY_METHODS, GenerativeModel, TranslationDomains, require
 from medsynth.models.latent.toy import toy_slices
@@ -139,6 +139,17 @@ def test_cross_field_checks_fail_at_validation() -> None:
         create_model("flow", {"image_size": 20, "levels": 3})
     with pytest.raises(ConfigError, match="'strides'"):
         create_model("ae", {"channels": (4, 8), "strides": (2,)})
+
+
+@pytest.mark.parametrize("family", available_families())
+def test_bad_training_input_is_the_same_error_in_every_family(family: str, tiny: SliceSet) -> None:
+    model = create_model(family, get_family(family).tiny_config())
+    with pytest.raises(InputFileError, match=f"{family}.*empty"):
+        model.fit(tiny.subset(np.zeros(len(tiny), bool)), seed=0)
+    bad = SliceSet(tiny.images.copy(), tiny.labels, tiny.meta)
+    bad.images[0, 0, 3, 3] = np.nan
+    with pytest.raises(InputFileError, match=f"{family}.*NaN"):
+        model.fit(bad, seed=0)
 
 
 def test_missing_labels_is_the_same_error_in_every_conditional_family(tiny: SliceSet) -> None:

@@ -20,7 +20,7 @@ MIN_MYO_PIXELS = 20
 
 def has_scar(labels: np.ndarray) -> np.ndarray:
     """(N,) bool: the (N, H, W) canonical label maps hold scar or MVO."""
-    return np.isin(labels, (SCAR, MVO)).reshape(len(labels), -1).any(1)
+    return np.isin(labels, (SCAR, MVO)).any(axis=(1, 2))
 
 
 def healthy_subjects(slices: SliceSet) -> np.ndarray:
@@ -35,10 +35,9 @@ def healthy_subjects(slices: SliceSet) -> np.ndarray:
 def scar_eligible(labels: np.ndarray) -> np.ndarray:
     """(N,) bool: slices with an LV blood pool, at least :data:`MIN_MYO_PIXELS` healthy myocardium and no
     scar / MVO — those a scar can be inserted into."""
-    flat = labels.reshape(len(labels), -1)
-    return (flat == LV).any(1) & ((flat == MYO).sum(1) >= MIN_MYO_PIXELS) & ~has_scar(labels)
+    return (labels == LV).any(axis=(1, 2)) & ((labels == MYO).sum(axis=(1, 2)) >= MIN_MYO_PIXELS) & ~has_scar(labels)
 
 
 def scar_removable(labels: np.ndarray) -> np.ndarray:
     """(N,) bool: slices with an LV blood pool and scar / MVO — those a scar-free counterpart is made of."""
-    return (labels.reshape(len(labels), -1) == LV).any(1) & has_scar(labels)
+    return (labels == LV).any(axis=(1, 2)) & has_scar(labels)

@@ -41,6 +41,7 @@ from medsynth.data.slices import SliceSet
 from medsynth.errors import CapabilityError, LabelError, MedsynthError
 from medsynth.labels import BACKGROUND, CANONICAL, LV, MVO, MYO, MYOCARDIAL_WALL, N_CLASSES, RV, SCAR
 from medsynth.models.base import AnomalyScores, ContextSampler, GenerativeModel, Sampler, Samples, ScarInserter, Scorer
+from medsynth.models.latent.common import check_slices
 from medsynth.synthesis.degrade import DegradeConfig, RandomDegrade, apply_degrade
 from medsynth.synthesis.labels_to_image import LabelsToImage, gmm_logpdf, quantile_table, tissue_wasserstein
 from medsynth.synthesis.scar import ScarModel, robust_stats, wall_coordinates
@@ -105,8 +106,7 @@ class GMMModel(GenerativeModel, Sampler, ContextSampler, Scorer, ScarInserter):
         return f"{modality}/{vendor}" if self.config.per_vendor and vendor and vendor != "unknown" else modality
 
     def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
-        if len(train) == 0:
-            raise MedsynthError("gmm: the training set is empty")
+        check_slices(train, self.family)  # empty or non-finite input: the same error as every family
         rng = make_rng(seed)
         pairs = zip(train.meta["modality"], train.meta["vendor"], strict=True)
         keys = np.array([self.group_key(m, v) for m, v in pairs])
