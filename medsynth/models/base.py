@@ -53,20 +53,6 @@ MODEL_FILE = "model.json"
 RUNTIME_CONFIG_KEYS = frozenset({"checkpoint_dir", "checkpoint_every", "progress", "device"})
 WEIGHTS_FILE = "weights.safetensors"
 
-__all__ = [
-    "AnomalyScores",
-    "CapabilityError",
-    "ContextSampler",
-    "GenerativeModel",
-    "Samples",
-    "Sampler",
-    "ScarInserter",
-    "Scorer",
-    "TranslationDomains",
-    "Translator",
-    "require",
-]
-
 
 @dataclass
 class Samples:
