@@ -91,19 +91,24 @@ def get_family(name: str) -> type[GenerativeModel]:
     return cls
 
 
+def _names() -> list[str]:
+    """Built-ins first in registry order, then the others by name."""
+    return list(_BUILTIN) + sorted(set(available_families()) - set(_BUILTIN))
+
+
 def families_with(capability: str) -> list[str]:
-    """Names of the families declaring ``capability``, built-ins first in registry order."""
-    names = list(_BUILTIN) + sorted(set(available_families()) - set(_BUILTIN))
-    return [n for n in names if capability in get_family(n).capabilities]
+    """Names of the families declaring ``capability`` (imports every family: for messages and listings)."""
+    return [n for n in _names() if capability in get_family(n).capabilities]
 
 
 def default_family(capability: str) -> str:
     """The first registered family declaring ``capability`` (e.g. the scar model fitted when a scar
-    evaluation is given no model): keeps family names out of the callers."""
-    names = families_with(capability)
-    if not names:
-        raise ConfigError(f"family: no registered family declares {capability!r}")
-    return names[0]
+    evaluation is given no model): keeps family names out of the callers. Imports families only until one
+    matches."""
+    for name in _names():
+        if capability in get_family(name).capabilities:
+            return name
+    raise ConfigError(f"family: no registered family declares {capability!r}")
 
 
 def create_model(name: str, config: dict[str, Any] | None = None, checkpoint_dir: Any = None) -> GenerativeModel:
