@@ -184,6 +184,7 @@ def _run_yaml(tmp_path: Path, replace: tuple[str, str] | None = None, append: st
         ),
         (("  - family: gmm", "  - family: cyclegan"), r"key 'models\.0\.family'.*cannot sample"),
         (("  - family: gmm", "  - family: nosuch"), r"key 'models\.0\.family'.*unknown generative family"),
+        (("extractor: random_cnn", "extractor: random-cnn"), r"key 'evaluation\.fidelity\.extractor'"),
     ],
 )
 def test_run_config_problems_name_the_full_key(tmp_path: Path, replace: tuple[str, str], message: str) -> None:

@@ -117,3 +117,23 @@ def test_cli_dataset_rows_are_the_operation_meta(gmm, toy: SliceSet, tmp_path: P
         assert df[col].tolist() == synthetic.meta[col].astype(str).tolist(), col
     assert (df["config_hash"] == ops.config_hash(gmm)).all() and (df["label_map"] == "canonical").all()
     assert pd.Series(df["source_case"]).ne("").all()
+
+
+def test_scar_evaluation_names_the_row_by_family_and_thresholds_only_calibrated_maps(gmm, toy: SliceSet) -> None:
+    from medsynth.evaluation.scar import BASELINES, REFERENCE_QUANTILE, evaluate_scar, predict_scar
+    from medsynth.labels import MVO, MYOCARDIAL_WALL
+
+    ppca = create_model("ppca", {"n_components": 3, "image_size": 16})
+    ppca.fit(toy, seed=0)
+    thresholds: dict[str, float] = {}
+    masks = predict_scar(toy, ppca, thresholds=thresholds)
+    assert set(masks) == {*BASELINES, "ppca"}
+    maps = ppca.score(toy).pixel_maps
+    wall = np.isin(toy.labels, MYOCARDIAL_WALL)
+    clean = ~np.isin(toy.labels, (SCAR, MVO)).any(axis=(1, 2))
+    expected = float(np.quantile(maps[wall & clean[:, None, None]], REFERENCE_QUANTILE))
+    assert thresholds["ppca"] == pytest.approx(expected) and thresholds["ppca"] != 0.5
+    np.testing.assert_array_equal(masks["ppca"], (maps > expected) & wall)
+    predict_scar(toy, gmm, thresholds=thresholds)
+    assert thresholds["gmm"] == 0.5  # the GMM's maps are posteriors: calibrated
+    assert list(evaluate_scar(toy, ppca, name="mine")["method"]) == [*BASELINES, "mine"]

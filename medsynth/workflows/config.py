@@ -121,10 +121,19 @@ class SynthesisConfig(StrictModel):
     context: bool = False
 
 
+def _extractor_spec(v: str) -> str:
+    """``random_cnn`` or a saved extractor folder (:func:`medsynth.evaluation.features.get_extractor`)."""
+    if v != "random_cnn" and not Path(v).is_dir():
+        raise ValueError(f"expected 'random_cnn' or a saved extractor folder, got {v!r}")
+    return v
+
+
 class FidelityStageConfig(StrictModel):
     enabled: bool = True
     extractor: str = "random_cnn"
     bootstrap: int = Field(100, ge=0)
+
+    _check_extractor = field_validator("extractor")(_extractor_spec)
 
 
 class SegmentationStageConfig(StrictModel):
@@ -148,6 +157,8 @@ class TranslationStageConfig(StrictModel):
     bootstrap: int = Field(100, ge=0)
     direction: Literal["forward", "backward"] = "forward"
     segmentation: SegmentationParams = {}
+
+    _check_extractor = field_validator("extractor")(_extractor_spec)
 
 
 class EvaluationConfig(StrictModel):
