@@ -130,13 +130,33 @@ def synthetic_meta(
 
 
 #: SliceSet metadata columns that are not manifest columns (identity and geometry of the slice itself).
-_NOT_MANIFEST = ("case", "slice_index", "record")
+_NOT_MANIFEST = frozenset({"case", "slice_index", "record"})
+#: Provenance columns of a manifest row, with the value of a real (not generated) case.
+PROVENANCE_DEFAULTS = {
+    "source": "real", "family": "", "model_hash": "", "seed": "", "source_case": "", "config_hash": "",
+}  # fmt: skip
+
+
+def manifest_row(meta: dict[str, Any], files: dict[str, str], **fixed: Any) -> dict[str, Any]:
+    """One manifest row of a written slice or case: identity and acquisition columns and provenance from its
+    SliceSet ``meta`` row (generated or real), the file columns ``files`` (image, label, spacing, shape,
+    sha256) and ``fixed`` values (e.g. ``label_map``, the run's ``config_hash``). Extra meta columns (``pair_id``,
+    ``variant``, ``translated_from``) are kept. The one builder of provenance rows: CLI datasets and run outputs."""
+    row: dict[str, Any] = {"subject_id": str(meta.get("subject_id", "")), **files}
+    for col in ("dataset", "modality", "vendor", "pathology"):
+        row[col] = str(meta.get(col, "") or "")
+    row["phase"] = str(meta.get("phase") or "none")
+    row["label_map"] = "canonical"
+    row["split"] = str(meta.get("split") or "train")
+    for col, default in PROVENANCE_DEFAULTS.items():
+        row[col] = str(meta.get(col) or default)
+    extra = {k: v for k, v in meta.items() if k not in row and k not in _NOT_MANIFEST}
+    return {**row, **extra, **fixed}
 
 
 def write_slice_dataset(out_dir: str | Path, slices: SliceSet, has_labels: bool, default_spacing_mm: float) -> Path:
-    """Write ``slices`` as NIfTI image(-label) pairs named after ``meta.case`` plus ``manifest.csv`` (one row
-    per slice: the provenance of :func:`synthetic_meta` and the file columns), atomically. Returns the
-    manifest path."""
+    """Write ``slices`` as NIfTI image(-label) pairs named after ``meta.case`` plus ``manifest.csv`` (one
+    :func:`manifest_row` per slice), atomically. Returns the manifest path."""
     from medsynth.data.writer import write_pairs
 
     out_dir = Path(out_dir)
@@ -150,11 +170,8 @@ def write_slice_dataset(out_dir: str | Path, slices: SliceSet, has_labels: bool,
             meta["record"].astype(str).tolist(),
             default_spacing_mm,
         )
-        rows = meta.drop(columns=[c for c in _NOT_MANIFEST if c in meta.columns]).reset_index(drop=True)
-        rows = pd.concat([rows[["subject_id"]], pd.DataFrame(paths), rows.drop(columns=["subject_id"])], axis=1)
-        rows["phase"] = rows["phase"].replace("", "none")
-        rows["label_map"] = "canonical"
-        write_manifest(rows, tmp / "manifest.csv")
+        rows = [manifest_row(m, p) for m, p in zip(meta.to_dict("records"), paths, strict=True)]
+        write_manifest(pd.DataFrame(rows), tmp / "manifest.csv")
     log.info("wrote %d slices to %s", len(slices), out_dir)
     return out_dir / "manifest.csv"
 
