@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.json"
 #: Config keys that change how a fit runs, not what it produces; left out of the model hash.
-RUNTIME_CONFIG_KEYS = frozenset({"checkpoint_dir", "checkpoint_every", "progress"})
+RUNTIME_CONFIG_KEYS = frozenset({"checkpoint_dir", "checkpoint_every", "progress", "device"})
 WEIGHTS_FILE = "weights.safetensors"
 
 
@@ -150,9 +150,15 @@ class GenerativeModel(ABC):
         with atomic_dir(directory) as tmp:
             if arrays:
                 save_file(arrays, str(tmp / WEIGHTS_FILE))
+            self.write_artifacts(tmp)
             (tmp / MODEL_FILE).write_text(json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
         log.info("saved %s model to %s (hash %s)", self.family, directory, record["model_hash"])
         return Path(directory)
+
+    def write_artifacts(self, directory: Path) -> None:
+        """Hook: extra files beside the weights (e.g. training curves), written by :meth:`save` inside its atomic
+        directory. Default: nothing."""
+        return None
 
     @classmethod
     def load(cls, directory: str | Path) -> GenerativeModel:
