@@ -9,7 +9,7 @@ A family subclasses :class:`TorchFamily` with a config subclassing :class:`Torch
   restored;
 - ``fit``: ``self.begin_fit(seed)`` (seeds Python/NumPy/torch and resolves the device), ``self.set_modules(...)``,
   one :class:`~medsynth.models.training.TrainStep` per optimiser (``self.make_step`` builds Adam with the
-  config's LR schedule and gradient clipping), ``res = self.train(steps, data, seed)``, then
+  config's LR schedule and gradient clipping), ``res = self.train_steps(steps, data, seed)``, then
   ``self.fit_report(res, ...)``;
 - inference through ``self.module(name)`` (the EMA weights when ``ema_decay`` is set), inputs through
   ``self.tensor(array)`` and outputs through ``self.numpy(tensor)``, so they come back as CPU numpy whatever
@@ -166,7 +166,7 @@ class TorchFamily(GenerativeModel):
         self.ema = {}
 
     def module(self, name: str) -> nn.Module:
-        """The network ``name`` as the model uses it now: during :meth:`train` the trained weights, otherwise
+        """The network ``name`` as the model uses it now: during :meth:`train_steps` the trained weights, otherwise
         the EMA weights when the model has them, else the trained weights."""
         if not self._training and name in self.ema:
             return self.ema[name].module
@@ -203,7 +203,7 @@ class TorchFamily(GenerativeModel):
         return TrainStep(name, opt, loss, tuple(modules), every=every, repeats=repeats, grad_clip=cfg.grad_clip,
                          scheduler=sched)  # fmt: skip
 
-    def train(
+    def train_steps(
         self,
         steps: Sequence[TrainStep],
         data: Data,

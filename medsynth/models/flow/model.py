@@ -124,7 +124,7 @@ class FlowModel(TorchFamily):
             return bpd, {"bits_per_dim": float(bpd.detach())}
 
         t0 = time.perf_counter()
-        res = self.train([self.make_step("loss", net.parameters(), loss_fn, [net])], data, seed)
+        res = self.train_steps([self.make_step("loss", net.parameters(), loss_fn, [net])], data, seed)
         elapsed = time.perf_counter() - t0
         self.fitted = True
         report: dict[str, Any] = {

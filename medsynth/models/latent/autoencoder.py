@@ -218,7 +218,7 @@ class AEModel(TorchFamily):
         net = self.nets["net"]
         step = self.make_step("loss", net.parameters(), loss_fn, [net])
         t0 = time.perf_counter()
-        res = self.train([step], data, seed)
+        res = self.train_steps([step], data, seed)
         elapsed = time.perf_counter() - t0
         if not self.variational:
             codes = self._codes(data).astype(np.float64)

@@ -191,7 +191,8 @@ class CycleGANModel(TorchFamily):
             self.make_step("generator", g_params, gen_loss, [g_ab, g_ba], betas=betas),
         ]
         t0 = time.perf_counter()
-        res = self.train(steps, data, seed, extra_modules={"d_a": d_a, "d_b": d_b}, prepare=fakes, main="generator")
+        discs = {"d_a": d_a, "d_b": d_b}  # trained and checkpointed, not saved with the model
+        res = self.train_steps(steps, data, seed, extra_modules=discs, prepare=fakes, main="generator")
         elapsed = time.perf_counter() - t0
         self.fitted = True
         report: dict[str, Any] = {
