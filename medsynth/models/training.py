@@ -23,6 +23,7 @@ ignored and the run is the exact float32 one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -282,7 +283,11 @@ def train_loop(
     device = torch.device(device)
     use_amp = bool(amp) and device.type == "cuda"
     scalers = {s.name: torch.amp.GradScaler("cuda", enabled=use_amp) for s in steps}
-    trained = [m for s in steps for m in s.modules]
+
+    def precision() -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+    # freezing the other steps' modules only matters with several steps; one step skips the toggling
+    trained = [m for s in steps for m in s.modules] if len(steps) > 1 else []
 
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     start, history = 0, {}
@@ -312,15 +317,16 @@ def train_loop(
         for it in bar:
             batch = draw_batch(data, batch_size, it, seed)
             if prepare is not None:
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                with precision():
                     batch = prepare(batch, it)
             row: dict[str, float] = {}
             for st in steps:
                 if it % st.every:
                     continue
-                _only_trainable(st, trained)
+                if trained:
+                    _only_trainable(st, trained)
                 for _ in range(st.repeats):
-                    with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    with precision():
                         loss, logs = st.loss(batch, it)
                     value = float(loss.detach().float())
                     if not math.isfinite(value):
@@ -341,7 +347,7 @@ def train_loop(
                     st.scheduler.step()
             record(row, it)
             result.step = it + 1
-            if main in row:
+            if progress and main in row:
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in names if k in row})
             if ckpt_path is not None and checkpoint_every > 0 and (it + 1) % checkpoint_every == 0:
                 checkpoint(it + 1)
@@ -366,6 +372,12 @@ def _only_trainable(step: TrainStep, trained: list[nn.Module]) -> None:
 
 def _optimise(step: TrainStep, loss: torch.Tensor, scaler: torch.amp.GradScaler) -> None:
     step.optimizer.zero_grad(set_to_none=True)
+    if not scaler.is_enabled():  # float32: the plain path, no scaler bookkeeping per step
+        loss.backward()
+        if step.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(step.parameters(), step.grad_clip)
+        step.optimizer.step()
+        return
     scaler.scale(loss).backward()
     if step.grad_clip is not None:
         scaler.unscale_(step.optimizer)  # clip the true gradients, not the scaled ones
