@@ -375,3 +375,16 @@ def test_state_round_trip_with_ema_gives_identical_outputs(family, slices, two_d
     a, b = back.sample(3, labels=labels, seed=4), m.sample(3, labels=labels, seed=4)
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(back.score(data).slice_scores, m.score(data).slice_scores)
+
+
+def test_paired_tuple_batches_stay_aligned_and_mappings_are_independent():
+    from medsynth.models.training import draw_batch
+
+    x = torch.arange(20.0)[:, None]
+    for it in range(7):
+        a, b = draw_batch((x, 2 * x), 4, it, seed=5)
+        assert torch.equal(b, 2 * a) and len(a) == 4
+    d = draw_batch({"a": x, "b": x}, 4, 0, seed=5)
+    assert not torch.equal(d["a"], d["b"])  # unpaired domains: each key has its own permutation
+    with pytest.raises(ValueError, match="same length"):
+        draw_batch((x, x[:3]), 4, 0, seed=0)

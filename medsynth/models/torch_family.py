@@ -17,6 +17,55 @@ A family subclasses :class:`TorchFamily` with a config subclassing :class:`Torch
 - optionally ``extra_state()`` / ``load_extra_state()`` for arrays and JSON metadata that are not module
   weights (an AE's code Gaussian, the native slice size).
 
+A minimal diffusion family (one step; EMA of the denoiser)::
+
+    class DDPMConfig(TorchConfig):
+        image_size: int = 64
+        timesteps: int = 1000
+
+    class DDPMModel(TorchFamily):
+        family, Config, ema_modules = "ddpm", DDPMConfig, ("unet",)
+
+        def build_modules(self):
+            return {"unet": make_unet(self.config)}
+
+        @exclusive_global_rng
+        def fit(self, train, val=None, seed=0):
+            self.begin_fit(seed)
+            self.set_modules(self.build_modules())
+            unet = self.nets["unet"]
+            x0 = self.tensor(to_size(train.images, self.config.image_size))  # (N, 1, s, s) on the device
+
+            def loss(x, it):  # ε-prediction; torch's global RNG is seeded and checkpointed by the loop
+                t = torch.randint(0, self.config.timesteps, (len(x),), device=x.device)
+                eps = torch.randn_like(x)
+                return F.mse_loss(unet(q_sample(x, t, eps), t), eps), {}
+
+            t0 = time.perf_counter()
+            res = self.train_steps([self.make_step("loss", unet.parameters(), loss, [unet])], x0, seed)
+            self.fitted = True
+            return self.fit_report(res, len(train), time.perf_counter() - t0)
+
+        @torch.no_grad()
+        def sample(self, n, labels=None, seed=0):
+            g = torch.Generator().manual_seed(seed)  # CPU draws: the same noise on any device
+            x = self.tensor(torch.randn((n, 1, 64, 64), generator=g))
+            ...  # reverse process with self.module("unet") (the EMA weights)
+            return Samples(images=self.numpy(x))
+
+A GAN (pix2pix / SPADE: paired images and label maps as a tuple; discriminator first, TTUR, EMA of G)::
+
+    steps = [
+        self.make_step("discriminator", d.parameters(), d_loss, [d], lr=cfg.disc_lr, betas=(0.5, 0.999)),
+        self.make_step("generator", g.parameters(), g_loss, [g], betas=(0.5, 0.999)),
+    ]
+    fake = lambda batch, it: (*batch, g(one_hot(batch[1])))  # one G forward, shared by both losses
+    res = self.train_steps(steps, (images, labels), seed, extra_modules={"d": d}, prepare=fake,
+                           main="generator")
+
+``d_loss`` must use ``fake.detach()``; while a step runs only its own modules require grad. A WGAN critic's 5:1
+ratio is ``make_step(..., repeats=5)``; a step every other iteration is ``every=2``.
+
 Saved state: ``{module}.{state-dict key}`` for every persistent module and ``ema.{module}.{key}`` for its EMA
 shadow, as float32 (or the buffer's own dtype) numpy arrays; family extras beside them. The loss history of the
 last fit is written beside the model as ``training_curves.csv`` (deterministic bytes) and

@@ -157,17 +157,29 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
-Data = torch.Tensor | Mapping[str, torch.Tensor] | Callable[[int], Any]
+Data = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor] | Callable[[int], Any]
 
 
 def draw_batch(data: Data, batch_size: int, iteration: int, seed: int) -> Any:
-    """The batch of ``iteration``: rows of a tensor (N, ...); for a mapping of tensors a dict with one batch per
-    key, the i-th key drawn with seed ``seed + i`` (independent unpaired domains); a callable is called with the
-    iteration (it must be deterministic in it for resume to be exact)."""
+    """The batch of ``iteration``.
+
+    - a tensor (N, ...): its rows;
+    - a tuple of tensors of equal length N (paired data: images and their label maps): the same rows of each,
+      as a tuple;
+    - a mapping of tensors (unpaired domains of different sizes): a dict with one batch per key, the i-th key
+      drawn with seed ``seed + i``;
+    - a callable: ``data(iteration)`` (it must be deterministic in the iteration for resume to be exact).
+    """
     if callable(data) and not isinstance(data, torch.Tensor):
         return data(iteration)
     if isinstance(data, Mapping):
         return {k: _rows(v, batch_size, iteration, seed + i) for i, (k, v) in enumerate(data.items())}
+    if isinstance(data, tuple):
+        sizes = {int(t.shape[0]) for t in data}
+        if len(sizes) != 1:
+            raise ValueError(f"data: paired tensors must have the same length, got {sorted(sizes)}")
+        idx = torch.from_numpy(batch_indices(sizes.pop(), batch_size, iteration, seed))
+        return tuple(t[idx.to(t.device)] for t in data)
     return _rows(data, batch_size, iteration, seed)
 
 
@@ -286,6 +298,7 @@ def train_loop(
 
     def precision() -> contextlib.AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+
     # freezing the other steps' modules only matters with several steps; one step skips the toggling
     trained = [m for s in steps for m in s.modules] if len(steps) > 1 else []
 
