@@ -388,3 +388,21 @@ def test_paired_tuple_batches_stay_aligned_and_mappings_are_independent():
     assert not torch.equal(d["a"], d["b"])  # unpaired domains: each key has its own permutation
     with pytest.raises(ValueError, match="same length"):
         draw_batch((x, x[:3]), 4, 0, seed=0)
+
+
+def test_model_saved_with_an_unavailable_device_loads_on_cpu(slices, tmp_path):
+    import json
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    m = create_model("ae", {**AE, "steps": 2, "device": "cpu"})
+    m.fit(slices, seed=0)
+    m.save(tmp_path / "m")
+    record = json.loads((tmp_path / "m" / "model.json").read_text())
+    record["config"]["device"] = "cuda"  # as written by a fit on a GPU machine
+    (tmp_path / "m" / "model.json").write_text(json.dumps(record))
+    back = GenerativeModel.load(tmp_path / "m")
+    assert back.device.type == "cpu" and back.model_hash == m.model_hash
+    np.testing.assert_array_equal(back.sample(2, seed=1).images, m.sample(2, seed=1).images)
+    with pytest.raises(ConfigError, match="device"):
+        create_model("ae", {**AE, "steps": 1, "device": "cuda"}).fit(slices, seed=0)  # fitting there is refused

@@ -309,6 +309,13 @@ class TorchFamily(GenerativeModel):
         return arrays, meta
 
     def set_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        if self._device is None:
+            try:
+                self._device = resolve_device(self.config.device)
+            except ConfigError as err:
+                # a model trained with device: cuda must still load on a CPU-only machine (device is runtime-only)
+                log.warning("%s: %s; loading on cpu", self.family, err)
+                self._device = torch.device("cpu")
         self.load_extra_state(arrays, meta)
         self.set_modules(self.build_modules())
         for name, m in self.nets.items():
