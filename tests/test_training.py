@@ -406,3 +406,12 @@ def test_model_saved_with_an_unavailable_device_loads_on_cpu(slices, tmp_path):
     np.testing.assert_array_equal(back.sample(2, seed=1).images, m.sample(2, seed=1).images)
     with pytest.raises(ConfigError, match="device"):
         create_model("ae", {**AE, "steps": 1, "device": "cuda"}).fit(slices, seed=0)  # fitting there is refused
+
+
+def test_checkpoint_of_another_configuration_is_an_input_error(slices, tmp_path):
+    from medsynth.errors import InputFileError
+
+    create_model("ae", {**AE, "steps": 2, "checkpoint_dir": str(tmp_path)}).fit(slices, seed=0)
+    other = create_model("ae", {**AE, "latent_size": 6, "steps": 4, "checkpoint_dir": str(tmp_path)})
+    with pytest.raises(InputFileError, match="does not match"):
+        other.fit(slices, seed=0)

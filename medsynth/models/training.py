@@ -417,6 +417,15 @@ def _payload(iteration, steps, modules, ema, scalers, history, device) -> dict[s
 
 
 def _restore(path, ckpt, steps, modules, ema, scalers, device) -> tuple[int, dict[str, list[float]]]:
+    if not isinstance(ckpt, dict):
+        raise InputFileError(f"{path}: not a medsynth training checkpoint")
+    try:
+        return _restore_states(path, ckpt, steps, modules, ema, scalers, device)
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:  # shapes / keys of another configuration
+        raise InputFileError(f"{path}: checkpoint does not match this model's configuration: {err}") from None
+
+
+def _restore_states(path, ckpt, steps, modules, ema, scalers, device) -> tuple[int, dict[str, list[float]]]:
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputFileError(
             f"{path}: checkpoint written by an older medsynth training loop (format {ckpt.get('format', 1)}); "
