@@ -376,7 +376,14 @@ def _plot_curves(history: Mapping[str, Sequence[float]], path: Path, title: str)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    columns = list(history)
+    constant, columns = [], []
+    for c in history:
+        y = np.asarray(history[c], dtype=np.float64)
+        y = y[np.isfinite(y)]
+        if len(y) > 1 and np.all(y == y[0]):
+            constant.append(f"{c} = {y[0]:.4g}")  # a flat panel tells nothing; named in a footnote instead
+        else:
+            columns.append(c)
     ncols = min(3, max(1, len(columns)))
     nrows = max(1, math.ceil(len(columns) / ncols))
     # the object API, not pyplot: no global backend switch, no figure registry, safe in worker threads
@@ -392,13 +399,18 @@ def _plot_curves(history: Mapping[str, Sequence[float]], path: Path, title: str)
         if ok.sum() > 2 * w > 1:
             mean = np.convolve(y[ok], np.ones(w) / w, mode="valid")
             ax.plot(x[ok][w - 1 :], mean, lw=1.4, color="tab:orange", label=f"moving mean ({w} steps)")
+        tail = y[ok][len(y[ok]) // 2 :]
+        spread = float(np.subtract(*np.percentile(tail, [75, 25]))) if len(tail) > 3 else 0.0
+        if spread > 0 and np.ptp(y[ok]) > 50 * spread:
+            # an early drop of orders of magnitude would flatten the rest: symmetric log keeps both readable
+            ax.set_yscale("symlog", linthresh=max(spread, float(np.median(np.abs(tail)))))
         ax.set_title(c)
         ax.set_xlabel("step (iteration)")
         ax.set_ylabel(c)
         ax.legend(fontsize=7, loc="best")
     if not columns:
-        fig.add_subplot(1, 1, 1).set_title("no losses logged")
-    fig.suptitle(title)
+        fig.add_subplot(1, 1, 1).set_title("no varying losses logged")
+    fig.suptitle(title + (f"  (constant: {', '.join(constant)})" if constant else ""))
     fig.savefig(path, format="png", metadata={"Software": None})
     return path
 
