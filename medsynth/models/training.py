@@ -99,16 +99,22 @@ class EMA:
         self.decay = float(decay)
         self.source = module
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        # Pairs of (shadow, live) tensors, resolved once: state_dict() per iteration costs more than the
+        # average itself on small nets. Loading state dicts copies in place, so the references stay valid; the
+        # module must not be moved to another device after the EMA is made.
+        live = self.source.state_dict(keep_vars=True)
+        pairs = [(t, live[k]) for k, t in self.module.state_dict(keep_vars=True).items()]
+        self._float = [(a, b) for a, b in pairs if a.dtype.is_floating_point]
+        self._other = [(a, b) for a, b in pairs if not a.dtype.is_floating_point]
 
     @torch.no_grad()
     def update(self) -> None:
-        live = self.source.state_dict()
-        for name, shadow in self.module.state_dict().items():
-            value = live[name].detach()
-            if shadow.dtype.is_floating_point:
-                shadow.mul_(self.decay).add_(value.to(shadow.dtype), alpha=1.0 - self.decay)
-            else:
-                shadow.copy_(value)
+        if self._float:
+            shadow = [a for a, _ in self._float]
+            torch._foreach_mul_(shadow, self.decay)
+            torch._foreach_add_(shadow, [b.detach() for _, b in self._float], alpha=1.0 - self.decay)
+        for a, b in self._other:
+            a.copy_(b)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
