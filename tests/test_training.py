@@ -415,3 +415,21 @@ def test_checkpoint_of_another_configuration_is_an_input_error(slices, tmp_path)
     other = create_model("ae", {**AE, "latent_size": 6, "steps": 4, "checkpoint_dir": str(tmp_path)})
     with pytest.raises(InputFileError, match="does not match"):
         other.fit(slices, seed=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (checks device placement and AMP)")
+@pytest.mark.parametrize("family", ["vae", "cyclegan"])
+def test_cuda_fit_with_amp_resumes_and_returns_cpu_numpy(family, slices, two_domains, tmp_path):
+    data = two_domains if family == "cyclegan" else slices
+    cfg = {**FAMILIES[family], "device": "cuda", "amp": True, "ema_decay": 0.9, "checkpoint_every": 2}
+    m = create_model(family, {**cfg, "steps": 4, "checkpoint_dir": str(tmp_path / "ck")})
+    report = m.fit(data, seed=0)
+    assert report["device"].startswith("cuda") and all(p.is_cuda for p in m.nets[next(iter(m.nets))].parameters())
+    resumed = create_model(family, {**cfg, "steps": 6, "checkpoint_dir": str(tmp_path / "ck")})
+    assert resumed.fit(data, seed=0)["resumed_from"] == 4
+    out = resumed.translate(data.images[:2]) if family == "cyclegan" else resumed.sample(2, seed=0).images
+    assert type(out) is np.ndarray and out.dtype == np.float32 and np.all(np.isfinite(out))
+    resumed.save(tmp_path / "m")
+    back = GenerativeModel.load(tmp_path / "m")
+    again = back.translate(data.images[:2]) if family == "cyclegan" else back.sample(2, seed=0).images
+    np.testing.assert_array_equal(again, out)
