@@ -103,6 +103,8 @@ def test_affine_maps_crop_pixels_to_their_source_world_points(spacing_mm, tmp_pa
         xy = np.asarray(rec["matrix"]) @ np.stack([hh.ravel(), ww.ravel()]) + np.asarray(rec["offset"])[:, None]
         voxel = np.stack([xy[0], xy[1], np.full(hh.size, rec["slice_index"]), np.ones(hh.size)])
         np.testing.assert_allclose(world, src @ voxel, atol=1e-4)
+        single = slice_affine(json.dumps(rec))[0] @ np.stack([hh.ravel(), ww.ravel(), 0 * hh.ravel(), np.ones(hh.size)])
+        np.testing.assert_allclose(single, src @ voxel, atol=1e-4)
         if spacing_mm is None:  # pixels kept: every in-view crop pixel holds its source voxel's label
             ijk = np.rint(np.linalg.solve(image.affine, world)[:3]).astype(int)
             inside = np.all((ijk >= 0) & (ijk < np.array(label.shape)[:, None]), axis=0)
