@@ -24,16 +24,14 @@ TARGET_MM = 1.25  # preprocessing in-plane spacing: neither the source's nor nnU
 DATASET = "Dataset501_MedsynthTest"
 
 
-def _nnunet(entry: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run one of nnunetv2's console entry points in a fresh interpreter (nnU-Net reads its paths at import)."""
-    code = (
-        "import sys\n"
-        "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import " + entry + "\n"
-        f"sys.argv = ['{entry}'] + sys.argv[1:]\n"
-        f"{entry}()\n"
-    )
+def _nnunet(steps: list[tuple[str, list[str]]], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run nnunetv2's console entry points (name, argv) in order in one fresh interpreter: nnU-Net reads its
+    ``nnUNet_*`` paths at import, and one interpreter pays the torch import once."""
+    lines = ["import sys", "from nnunetv2.experiment_planning import plan_and_preprocess_entrypoints as e"]
+    for entry, args in steps:
+        lines += [f"sys.argv = {[entry, *args]!r}", f"e.{entry}()"]
     return subprocess.run(
-        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, "-c", "\n".join(lines)], env=env, capture_output=True, text=True, timeout=600, check=False
     )
 
 
@@ -83,10 +81,14 @@ def test_nnunet_integrity_check_and_2d_plan_use_the_true_spacing(tmp_path: Path)
         "OMP_NUM_THREADS": "1",
     }
     dataset_id = DATASET[len("Dataset") : len("Dataset") + 3]
-    fp = _nnunet("extract_fingerprint_entry", ["-d", dataset_id, "-np", "1", "--verify_dataset_integrity"], env)
-    assert fp.returncode == 0, fp.stdout[-3000:] + fp.stderr[-3000:]
-    plan = _nnunet("plan_experiment_entry", ["-d", dataset_id], env)
-    assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
+    done = _nnunet(
+        [
+            ("extract_fingerprint_entry", ["-d", dataset_id, "-np", "1", "--verify_dataset_integrity", "--no_pbar"]),
+            ("plan_experiment_entry", ["-d", dataset_id]),
+        ],
+        env,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     plans = json.loads((pre / DATASET / "nnUNetPlans.json").read_text())
     fingerprint = json.loads((pre / DATASET / "dataset_fingerprint.json").read_text())
