@@ -1,9 +1,9 @@
 """Family-agnostic library functions behind ``medsynth fit`` / ``sample`` / ``scar`` and the Prefect flows.
 
 Everything goes through the registry and the :class:`~medsynth.models.base.GenerativeModel` contract, so a new
-family works here without changes. Outputs are written atomically. Synthetic slices are written as NIfTI
-volumes of shape (X, Y, 1) laid out so that :func:`medsynth.data.preprocess.load_slices` reads them back in
-the same (H, W) orientation (rows along -Y, columns along -X, RAS+ affine with the preprocessing spacing).
+family works here without changes. Outputs are written atomically. Slices are written by :mod:`medsynth.data.writer` as
+(H, W, 1) NIfTI with the geometry of their source slice's record (a synthetic slice: its label slice's), so
+:func:`medsynth.data.preprocess.load_slices` reads them back in the same (H, W) orientation.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from medsynth.config import validate
 from medsynth.data.manifest import write_manifest
 from medsynth.data.slices import SliceSet
+from medsynth.data.writer import slice_to_nifti, write_pairs  # noqa: F401  (the one NIfTI writer)
 from medsynth.errors import ConfigError, InputFileError, ManifestError, MedsynthError
 from medsynth.models.base import GenerativeModel
 from medsynth.models.registry import create_model, load_model
@@ -117,45 +117,6 @@ def read_fit_report(model_dir: str | Path) -> dict[str, Any]:
         raise InputFileError(f"{path}: corrupt fit report: {err}") from None
 
 
-def slice_to_nifti(array: np.ndarray, spacing_mm: float, dtype: Any) -> nib.Nifti1Image:
-    """(H, W) slice → (X, Y, 1) NIfTI whose radiological display (rows -Y, columns -X) is the slice."""
-    vol = np.ascontiguousarray(array[::-1, ::-1].T[:, :, None]).astype(dtype)
-    affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
-    img = nib.Nifti1Image(vol, affine)
-    img.header.set_xyzt_units("mm")
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    return img
-
-
-def write_pairs(
-    tmp: Path, images: np.ndarray, labels: np.ndarray | None, names: list[str], spacing_mm: float
-) -> list[dict[str, str]]:
-    """Write ``images`` (n, 1, H, W) / ``labels`` (n, H, W) under ``tmp``; return manifest path columns."""
-    (tmp / "images").mkdir(parents=True, exist_ok=True)
-    if labels is not None:
-        (tmp / "labels").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, name in enumerate(names):
-        rel_img = f"images/{name}.nii.gz"
-        nib.save(slice_to_nifti(images[i, 0], spacing_mm, np.float32), str(tmp / rel_img))
-        rel_lab = ""
-        if labels is not None:
-            rel_lab = f"labels/{name}.nii.gz"
-            nib.save(slice_to_nifti(labels[i], spacing_mm, np.uint8), str(tmp / rel_lab))
-        h, w = images.shape[2:]
-        rows.append(
-            {
-                "image": rel_img,
-                "label": rel_lab,
-                "spacing": f"{spacing_mm:.6g}x{spacing_mm:.6g}x{spacing_mm:.6g}",
-                "shape": f"{w}x{h}x1",
-                "sha256": sha256_file(tmp / rel_img),
-            }
-        )
-    return rows
-
-
 def sample_dataset(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -191,7 +152,8 @@ def sample_dataset(
     names = [f"synth_{seed}_{i:05d}" for i in range(n)]
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        paths = write_pairs(tmp, samples.images, samples.labels, names, spacing)
+        records = source_meta["record"].tolist() if source_meta is not None else [None] * n
+        paths = write_pairs(tmp, samples.images, samples.labels, names, records, spacing)
         rows = []
         for i, p in enumerate(paths):
             src = source_meta.iloc[i] if source_meta is not None else None
@@ -260,14 +222,15 @@ def scar_dataset(
         for img, lab, variant, source in pair:
             imgs.append(img)
             labs.append(lab)
-            rows.append({"meta": meta, "pair_id": pid, "variant": variant, "source": source})
+            rows.append({"meta": meta, "pair_id": pid, "variant": variant, "source": source})  # meta: geometry too
     if not rows:
         raise ManifestError(f"{manifest}: no slice with LV blood pool and myocardium to insert scar into")
     spacing = float(cfg.spacing_mm or 1.0)
     names = [f"{r['pair_id']}_{r['variant']}" for r in rows]
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        paths = write_pairs(tmp, np.stack(imgs)[:, None], np.stack(labs), names, spacing)
+        geometry = [r["meta"]["record"] for r in rows]
+        paths = write_pairs(tmp, np.stack(imgs)[:, None], np.stack(labs), names, geometry, spacing)
         records = []
         for r, p, name in zip(rows, paths, names, strict=True):
             m = r["meta"]
@@ -327,7 +290,7 @@ def translate_dataset(
     names = [f"translated_{i:05d}" for i in range(len(slices))]
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        paths = write_pairs(tmp, images, slices.labels, names, spacing)
+        paths = write_pairs(tmp, images, slices.labels, names, slices.meta["record"].tolist(), spacing)
         records = []
         for i, p in enumerate(paths):
             m = slices.meta.iloc[i]
