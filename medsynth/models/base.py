@@ -224,9 +224,6 @@ class GenerativeModel(ABC):
     def supported(self) -> list[str]:
         return sorted(c for c in self.capabilities if self.supports(c))
 
-    def write_artifacts(self, directory: Path) -> None:  # noqa: B027 - optional hook, empty by default
-        """Extra files written beside the model inside :meth:`save`'s atomic folder (e.g. training curves)."""
-
     # ---- state: subclasses turn themselves into arrays + JSON metadata and back ----------------------
     @abstractmethod
     def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -262,10 +259,15 @@ class GenerativeModel(ABC):
         with atomic_dir(directory) as tmp:
             if arrays:
                 save_file(arrays, str(tmp / WEIGHTS_FILE))
-            (tmp / MODEL_FILE).write_text(json.dumps(record, indent=2, default=json_default), encoding="utf-8")
             self.write_artifacts(tmp)
+            (tmp / MODEL_FILE).write_text(json.dumps(record, indent=2, default=json_default), encoding="utf-8")
         log.info("saved %s model to %s (hash %s)", self.family, directory, record["model_hash"])
         return Path(directory)
+
+    def write_artifacts(self, directory: Path) -> None:
+        """Hook: extra files beside the weights (e.g. training curves), written by :meth:`save` inside its atomic
+        directory. Default: nothing."""
+        return None
 
     @classmethod
     def load(cls, directory: str | Path) -> GenerativeModel:
