@@ -137,11 +137,12 @@ PROVENANCE_DEFAULTS = {
 }  # fmt: skip
 
 
-def manifest_row(meta: dict[str, Any], files: dict[str, str], **fixed: Any) -> dict[str, Any]:
+def manifest_row(meta: dict[str, Any], files: dict[str, str], keep_extra: bool = True, **fixed: Any) -> dict[str, Any]:
     """One manifest row of a written slice or case: identity and acquisition columns and provenance from its
     SliceSet ``meta`` row (generated or real), the file columns ``files`` (image, label, spacing, shape,
-    sha256) and ``fixed`` values (e.g. ``label_map``, the run's ``config_hash``). Extra meta columns (``pair_id``,
-    ``variant``, ``translated_from``) are kept. The one builder of provenance rows: CLI datasets and run outputs."""
+    sha256) and ``fixed`` values (e.g. ``label_map``, the run's ``config_hash``). ``keep_extra``: keep further
+    meta columns (``pair_id``, ``variant``, ``translated_from``). The one builder of provenance rows: the CLI
+    datasets and the flows' run outputs."""
     row: dict[str, Any] = {"subject_id": str(meta.get("subject_id", "")), **files}
     for col in ("dataset", "modality", "vendor", "pathology"):
         row[col] = str(meta.get(col, "") or "")
@@ -150,7 +151,7 @@ def manifest_row(meta: dict[str, Any], files: dict[str, str], **fixed: Any) -> d
     row["split"] = str(meta.get("split") or "train")
     for col, default in PROVENANCE_DEFAULTS.items():
         row[col] = str(meta.get(col) or default)
-    extra = {k: v for k, v in meta.items() if k not in row and k not in _NOT_MANIFEST}
+    extra = {k: v for k, v in meta.items() if k not in row and k not in _NOT_MANIFEST} if keep_extra else {}
     return {**row, **extra, **fixed}
 
 

@@ -31,6 +31,7 @@ from medsynth.data.writer import canonical_shape_spacing, slice_affine, stack_gr
 from medsynth.labels import LABEL_MAPS
 from medsynth.utils.atomic import atomic_dir
 from medsynth.utils.hashing import sha256_file
+from medsynth.workflows.ops import manifest_row
 from medsynth.workflows.stage import artefact
 
 log = logging.getLogger(__name__)
@@ -164,29 +165,15 @@ def write_run_outputs(
         for case, meta in cases:
             img = f"imagesTr/{case.case_id}_0000.nii.gz"
             shape, spacing = canonical_shape_spacing(case.image.shape, case.world_affine())
-            rows.append(
-                {
-                    "subject_id": meta.get("subject_id", case.case_id),
-                    "image": img,
-                    "label": f"labelsTr/{case.case_id}.nii.gz",
-                    "dataset": meta.get("dataset", ""),
-                    "modality": meta.get("modality", ""),
-                    "vendor": meta.get("vendor", ""),
-                    "phase": meta.get("phase", "none"),
-                    "pathology": meta.get("pathology", ""),
-                    "label_map": label_map,
-                    "spacing": spacing_to_str(spacing),
-                    "shape": shape_to_str(shape),
-                    "split": "train",
-                    "sha256": sha256_file(tmp / "dataset" / img),
-                    "source": meta.get("source") or "real",
-                    "family": meta.get("family", ""),
-                    "model_hash": meta.get("model_hash", ""),
-                    "seed": meta.get("seed", ""),
-                    "source_case": meta.get("source_case", ""),
-                    "config_hash": config_hash,
-                }
-            )
+            files = {
+                "image": img,
+                "label": f"labelsTr/{case.case_id}.nii.gz",
+                "spacing": spacing_to_str(spacing),
+                "shape": shape_to_str(shape),
+                "sha256": sha256_file(tmp / "dataset" / img),
+            }
+            fixed = {"label_map": label_map, "split": "train", "config_hash": config_hash}
+            rows.append(manifest_row({"subject_id": case.case_id, **meta}, files, keep_extra=False, **fixed))
         write_manifest(pd.DataFrame(rows), tmp / "manifest.csv", data_root=tmp / "dataset")
         # the header records "dataset" relative to the manifest: still right after the rename
         write_common_outputs(tmp, config, metric_tables, report_md, figures)
