@@ -2,21 +2,68 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from medsynth.errors import MedsynthError
 from pipelines.runtime import configure_prefect_env
 
 log = logging.getLogger(__name__)
 
 WORK_DIR = ".medsynth-work"
+#: The run's log (every Prefect and medsynth record, tracebacks included), in the work folder so the run
+#: folder itself stays byte-identical between runs.
+RUN_LOG = "run.log"
+
+
+class _NoErrors(logging.Filter):
+    """Keep errors and tracebacks off the console during a run: they go to the run log, and the CLI prints
+    one line for them last."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR and not record.exc_info
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[Path]:
+    """Write every log record of the run to ``path``; errors and tracebacks only there, not on the console."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    quiet = _NoErrors()
+    consoles = [h for h in root.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    prefect_consoles = []
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        prefect_consoles += [h for h in logging.getLogger(name).handlers if isinstance(h, logging.StreamHandler)]
+    touched = consoles + prefect_consoles
+    for h in touched:
+        h.addFilter(quiet)
+    old_level = root.level
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+        for h in touched:
+            h.removeFilter(quiet)
 
 
 def run_config(config_path: str | Path, data_root: str | None = None, out: str | None = None) -> dict[str, Any]:
     """Run the flow named in the config. Artefacts of each stage go to ``OUT/.medsynth-work/<run_name>/``
-    (reused by a rerun); the final outputs to ``OUT/<run_name>/``."""
+    (reused by a rerun); the final outputs to ``OUT/<run_name>/``; the log to
+    ``OUT/.medsynth-work/<run_name>/run.log``. An exception inside the flow is re-raised once, with its
+    traceback in the log only (the CLI prints one line naming the log)."""
     configure_prefect_env()
+    from medsynth.utils.atomic import write_marker
     from medsynth.workflows.config import load_run_config, resolve_data_root
 
     cfg = load_run_config(config_path)
@@ -24,7 +71,24 @@ def run_config(config_path: str | Path, data_root: str | None = None, out: str |
     out_dir = Path(out or cfg.output.dir).resolve()
     work = out_dir / WORK_DIR / cfg.run_name
     work.mkdir(parents=True, exist_ok=True)
-    return run_flow(cfg.model_dump(mode="json"), str(work), str(out_dir), str(root) if root else None)
+    write_marker(out_dir / WORK_DIR)
+    with run_log(work / RUN_LOG) as log_path:
+        try:
+            return run_flow(cfg.model_dump(mode="json"), str(work), str(out_dir), str(root) if root else None)
+        except Exception as err:
+            log.error("run %s failed", cfg.run_name, exc_info=err)
+            text = " ".join(str(err).split()) or type(err).__name__
+            if isinstance(err, MedsynthError):
+                try:
+                    named = type(err)(f"{text} (run log: {log_path})")
+                except Exception:  # a subclass with its own constructor
+                    named = RunFailed(f"{text} (run log: {log_path})")
+                raise named from None
+            raise RunFailed(f"{type(err).__name__}: {text} (full traceback in {log_path})") from None
+
+
+class RunFailed(MedsynthError):
+    """A flow raised something other than a MedsynthError; the message names the run log."""
 
 
 def run_flow(config: dict[str, Any], work: str, out: str, data_root: str | None, return_state: bool = False) -> Any:
