@@ -30,13 +30,23 @@ class _NoErrors(logging.Filter):
 @contextlib.contextmanager
 def run_log(path: Path) -> Iterator[Path]:
     """Write every log record of the run to ``path``; errors and tracebacks only there, not on the console."""
+    # Prefect configures logging when first imported (dictConfig closes every existing handler): do that
+    # first, or the run log would be closed before the flow's first record
+    import prefect.main  # noqa: F401 - its import runs Prefect's setup_logging (root level, handlers)
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    path.write_text("", encoding="utf-8")  # one log per run
+    # append mode: should something reconfigure logging mid-run (closing handlers), the next record reopens it
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     quiet = _NoErrors()
-    consoles = [h for h in root.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    consoles = [
+        h for h in root.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
     prefect_consoles = []
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
         prefect_consoles += [h for h in logging.getLogger(name).handlers if isinstance(h, logging.StreamHandler)]
@@ -82,12 +92,12 @@ def run_config(config_path: str | Path, data_root: str | None = None, out: str |
                 try:
                     named = type(err)(f"{text} (run log: {log_path})")
                 except Exception:  # a subclass with its own constructor
-                    named = RunFailed(f"{text} (run log: {log_path})")
+                    named = RunFailedError(f"{text} (run log: {log_path})")
                 raise named from None
-            raise RunFailed(f"{type(err).__name__}: {text} (full traceback in {log_path})") from None
+            raise RunFailedError(f"{type(err).__name__}: {text} (full traceback in {log_path})") from None
 
 
-class RunFailed(MedsynthError):
+class RunFailedError(MedsynthError):
     """A flow raised something other than a MedsynthError; the message names the run log."""
 
 

@@ -1,7 +1,8 @@
 """Prefect tasks: one per stage in :mod:`medsynth.workflows.stages`. They pass paths and small records.
 
-Results are cached on their inputs (records carry artefact hashes, configs are plain dicts) and
-persisted as JSON (never pickle), so a rerun reuses finished tasks. Should a cached record point at artefacts deleted since,
+Results are cached on their inputs (records carry artefact hashes, configs are plain dicts; the data step's
+key also covers its input files' content) and persisted as JSON (never pickle), so a rerun reuses finished
+tasks. Should a cached record point at artefacts deleted since,
 :func:`resolve` runs the task again with ``refresh_cache``.
 """
 

@@ -330,7 +330,9 @@ def contour_image(contour: Path) -> Path:
         found = sorted(folder.rglob(f"{stem}.dcm"))
         if found:
             return found[0]
-    raise InputFileError(f"{contour}: no DICOM slice {stem}.dcm for this contour beside it or under {contour.parent.parent}")
+    raise InputFileError(
+        f"{contour}: no DICOM slice {stem}.dcm for this contour beside it or under {contour.parent.parent}"
+    )
 
 
 def _read_points(path: Path) -> np.ndarray:
@@ -425,7 +427,8 @@ def read_pair(
 ) -> tuple[Volume, Volume]:
     """Read an image and its label map (same ``frame``) and validate them as a pair.
 
-    Raises :class:`InputFileError` for NaN/Inf image voxels or an all-zero image, :class:`GeometryError` (naming both files) when
+    Raises :class:`InputFileError` for NaN/Inf image voxels or an all-zero image, :class:`GeometryError`
+    (naming both files) when
     shapes or affines (tolerance 1e-3 mm) differ, :class:`LabelError` when the label is all background.
     """
     image = read_volume(image_path, frame=frame)

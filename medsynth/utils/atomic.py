@@ -157,15 +157,15 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise OutputError(f"{target}: a parent of the output is a file, not a folder") from None
-    except PermissionError:
-        raise OutputError(f"{target}: cannot create the output's folder (permission denied)") from None
+    except OSError as err:
+        raise OutputError(f"{target}: cannot create the output's folder ({err.strerror})") from None
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target}: already exists")
     _check_replaceable(target)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except PermissionError:
-        raise OutputError(f"{target}: cannot write into {target.parent} (permission denied)") from None
+    except OSError as err:
+        raise OutputError(f"{target}: cannot write into {target.parent} ({err.strerror})") from None
     try:
         write_marker(tmp)
         yield tmp
@@ -185,16 +185,14 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise OutputError(f"{target}: a parent of the output is a file, not a folder") from None
-    except PermissionError:
-        raise OutputError(f"{target}: cannot create the output's folder (permission denied)") from None
+    except OSError as err:
+        raise OutputError(f"{target}: cannot create the output's folder ({err.strerror})") from None
     if target.is_dir():
         raise OutputError(f"{target}: is a folder, expected a file path")
     try:
-        fd, name = tempfile.mkstemp(
-            prefix=f".{target.name}.tmp-", dir=target.parent, suffix="".join(target.suffixes)
-        )
-    except PermissionError:
-        raise OutputError(f"{target}: cannot write into {target.parent} (permission denied)") from None
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent, suffix="".join(target.suffixes))
+    except OSError as err:
+        raise OutputError(f"{target}: cannot write into {target.parent} ({err.strerror})") from None
     os.close(fd)
     tmp = Path(name)
     os.chmod(tmp, FILE_MODE)

@@ -91,9 +91,7 @@ def check_outputs(
                 raise OutputError(f"{name}: the output {what} the input {inp}; refusing to replace it")
         for d in data_dirs if kind == "dir" else ():  # a manifest may sit beside its data; a folder may not
             if _within(t, d) and not _marked_ancestor(t.parent, d):
-                raise OutputError(
-                    f"{name}: the output lies inside the input data folder {d}; write it elsewhere"
-                )
+                raise OutputError(f"{name}: the output lies inside the input data folder {d}; write it elsewhere")
         parent = t.parent
         for p in (parent, *parent.parents):  # the first existing ancestor must be a writable folder
             if p.exists() or p.is_symlink():
@@ -108,15 +106,15 @@ def check_outputs(
             if t.is_dir():
                 raise OutputError(f"{name}: is a folder; give a file path for this output")
             if not is_medsynth_file(t):
-                raise OutputError(f"{name}: exists and was not written by medsynth; refusing to replace it")
+                raise OutputError(f"{name}: exists and medsynth did not write it (not a medsynth manifest); refusing to replace it")
         else:
             if t.is_symlink() or not t.is_dir():
-                raise OutputError(f"{name}: exists and is not a folder; refusing to replace it")
+                raise OutputError(f"{name}: exists and is a file medsynth did not write; refusing to replace it with a folder")
             if not any(t.iterdir()):
                 continue
             if not has_marker(t):
                 raise OutputError(
-                    f"{name}: exists and is not a folder medsynth wrote (no marker); refusing to replace it"
+                    f"{name}: exists and is a folder medsynth did not write (no .medsynth marker); refusing to replace it"
                 )
         if not overwrite:
             raise OutputError(f"{name}: exists (an earlier medsynth output); pass --overwrite to replace it")
@@ -140,9 +138,12 @@ class OutputLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise OutputError(f"{self.target}: cannot write into {self.path.parent} ({err.strerror})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:

@@ -172,9 +172,8 @@ def preprocess_subject(
     work: str, manifest_record: dict[str, Any], subject_id: str, preprocess: dict[str, Any], lenient: bool = False
 ) -> dict[str, Any]:
     """Slices of one subject (all its image–label pairs) as an npz SliceSet."""
-    from medsynth.data.preprocess import PreprocessConfig, slices_from_manifest
-
     from medsynth.data.manifest import resolve_path
+    from medsynth.data.preprocess import PreprocessConfig, slices_from_manifest
     from medsynth.errors import MedsynthError
 
     # Keyed on this subject's rows and the content of its files, not the whole manifest: a changed file of
