@@ -157,6 +157,8 @@ def _dicom_case(base: dict, tmp: Path, damage: str) -> tuple[list[str], str]:
     if damage == "truncated":
         named = files[2]
         named.write_bytes(named.read_bytes()[:150])
+    elif damage == "none":
+        named = files[0]
     else:  # uneven: remove a middle slice
         named = files[4]
         files[3].unlink()
@@ -404,3 +406,131 @@ def test_out_guard(cmd: str, base: dict, tmp_path: Path, capsys) -> None:
         else:  # the command itself fails (e.g. gmm cannot translate): the guard let it through, output kept
             assert rc == 2 and "overwrite" not in err and "medsynth did not write" not in err, err
             assert (ours.read_text() if single_file else (ours / "old.txt").read_text()) == old_content
+
+
+# ------------------------------------------------------------------------------------ positive cases
+
+
+def test_dicom_series_folder_in_a_manifest(tmp_path: Path, capsys) -> None:
+    """A DICOM series folder is a valid manifest image (it was rejected as 'image file … is missing')."""
+    from medsynth.data.manifest import load_manifest
+    from medsynth.data.preprocess import PreprocessConfig, load_slices
+
+    args, _ = _dicom_case({}, tmp_path, "none")
+    manifest = Path(args[1])
+    df, root = load_manifest(manifest)
+    assert df["image"].tolist() == ["s1/series"]
+    slices = load_slices(manifest, cfg=PreprocessConfig(size=32))
+    assert len(slices) > 0
+    assert main(args) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "summary.csv").is_file()
+
+
+def test_inspect_reads_sample_manifest_of_an_image_only_family(base: dict, tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "ppca.yaml"
+    cfg.write_text("n_components: 2\nimage_size: 32\npreprocess:\n  size: 32\n")
+    model = tmp_path / "ppca"
+    assert main(["fit", "ppca", "--manifest", str(base["manifest"]), "--out", str(model), "--config", str(cfg)]) == 0
+    assert main(["sample", "--model", str(model), "--n", "3", "--out", str(tmp_path / "s")]) == 0
+    rows = read_manifest(tmp_path / "s" / "manifest.csv")
+    assert (rows["label"] == "").all()  # image-only
+    assert main(["inspect", str(tmp_path / "s" / "manifest.csv"), "--out", str(tmp_path / "i")]) == 0, (
+        capsys.readouterr().err
+    )
+    assert len(pd.read_csv(tmp_path / "i" / "summary.csv")) == 3
+
+
+# ------------------------------------------------------------------------------- on real files (copies)
+
+
+def _copy_acdc(acdc_root: Path, tmp: Path, n: int = 2) -> Path:
+    root = tmp / "acdc"
+    for patient in sorted(p for p in acdc_root.iterdir() if p.name.startswith("patient"))[:n]:
+        shutil.copytree(patient, root / patient.name)
+    return root
+
+
+def _copy_emidec(emidec_root: Path, tmp: Path, case: str = "Case_P") -> Path:
+    root = tmp / "emidec"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    names = sorted(p.name for p in (emidec_root / "images").glob(f"{case}*.png"))[:3]
+    for name in names:
+        shutil.copy(emidec_root / "images" / name, root / "images" / name)
+        shutil.copy(emidec_root / "masks" / name, root / "masks" / name)
+    return root
+
+
+def _assert_one_line(rc: int, err: str, named: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("medsynth: error: "), err
+    assert named in lines[0] and "Traceback" not in err, (named, lines[0])
+    return lines[0]
+
+
+@pytest.mark.realdata
+def test_realdata_acdc_bad_inputs(acdc_root: Path, tmp_path: Path, capsys) -> None:
+    root = _copy_acdc(acdc_root, tmp_path)
+    manifest = tmp_path / "acdc.csv"
+    assert main(["manifest", "--layout", "acdc", "--root", str(root), "--out", str(manifest)]) == 0
+    df = read_manifest(manifest)
+    out = str(tmp_path / "out")
+    # a wrong sha256 in the manifest
+    bad = df.copy()
+    bad.loc[1, "sha256"] = "f" * 64
+    write_manifest(bad, tmp_path / "sha.csv", data_root=root)
+    capsys.readouterr()
+    _assert_one_line(main(["inspect", str(tmp_path / "sha.csv"), "--out", out]), capsys.readouterr().err, "sha256")
+    # the real image with a zero pixdim and no sform; then all-zero; then truncated
+    image = root / df["image"].iloc[0]
+    original = image.read_bytes()
+    plain = df.copy()
+    plain["sha256"] = ""
+    write_manifest(plain, tmp_path / "plain.csv", data_root=root)
+    for damage in ("pixdim", "zero", "truncated"):
+        image.write_bytes(original)
+        if damage == "pixdim":
+            _patch_header(image, {84: ("f", 0.0), 252: ("h", 1), 254: ("h", 0)})
+        elif damage == "zero":
+            _nifti_with(image, arr=lambda a: a * 0)
+        else:
+            image.write_bytes(original[: len(original) // 3])
+        rc = main(["inspect", str(tmp_path / "plain.csv"), "--out", out])
+        _assert_one_line(rc, capsys.readouterr().err, str(image))
+        assert not (tmp_path / "out").exists()
+    # fitting into the copied ACDC folder is refused before anything is written
+    image.write_bytes(original)
+    before = _snapshot(root)
+    rc = main(["fit", "gmm", "--manifest", str(tmp_path / "plain.csv"), "--out", str(root)])
+    _assert_one_line(rc, capsys.readouterr().err, str(root))
+    assert _snapshot(root) == before
+
+
+@pytest.mark.realdata
+def test_realdata_emidec_png_bad_inputs(emidec_png_root: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    root = _copy_emidec(emidec_png_root, tmp_path)
+    manifest = tmp_path / "emidec.csv"
+    assert main(["manifest", "--layout", "png-slices", "--root", str(root), "--out", str(manifest)]) == 0
+    df = read_manifest(manifest)
+    out = str(tmp_path / "out")
+    capsys.readouterr()
+    for col, value in (("split", "bogus"), ("modality", "xray"), ("phase", "MID"), ("subject_id", "")):
+        bad = df.copy()
+        bad.loc[0, col] = value
+        write_manifest(bad, tmp_path / "bad.csv", data_root=root)
+        _assert_one_line(main(["inspect", str(tmp_path / "bad.csv"), "--out", out]), capsys.readouterr().err, col)
+    plain = df.copy()
+    plain["sha256"] = ""
+    write_manifest(plain, tmp_path / "plain.csv", data_root=root)
+    image = root / df["image"].iloc[1]
+    original = image.read_bytes()
+    size = Image.open(image).size
+    Image.new("L", size, 0).save(image)  # an all-zero export
+    _assert_one_line(main(["inspect", str(tmp_path / "plain.csv"), "--out", out]), capsys.readouterr().err, str(image))
+    image.write_bytes(original[: len(original) // 2])
+    _assert_one_line(main(["inspect", str(tmp_path / "plain.csv"), "--out", out]), capsys.readouterr().err, str(image))
+    manifest.write_bytes(manifest.read_bytes() + b"\xff\xfe\n")
+    _assert_one_line(main(["inspect", str(manifest), "--out", out]), capsys.readouterr().err, str(manifest))
+    assert not (tmp_path / "out").exists()

@@ -360,7 +360,8 @@ LAYOUTS: dict[str, Callable[[Path, dict], Iterator[Candidate | LayoutEntryError]
 
 
 def _rel(path: Path, root: Path) -> str:
-    return path.resolve().relative_to(root.resolve()).as_posix()
+    # lexically, not through symlinks: a patient folder may be a link to another disk
+    return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
 
 
 def _row(c: Candidate, root: Path, verify: bool) -> dict[str, str]:

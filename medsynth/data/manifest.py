@@ -121,8 +121,10 @@ def resolve_path(root: Path, rel: str, manifest: str | Path = "manifest") -> Pat
     p = PurePosixPath(rel)
     if not rel or p.is_absolute() or Path(rel).is_absolute():
         raise ManifestError(f"{manifest}: path {rel!r} must be relative to the data root {root}")
-    full = (root / Path(*p.parts)).resolve()
-    root_r = root.resolve()
+    # Lexically ('..' may not climb out), not through symlinks: a symlinked patient folder inside the root is
+    # the user's choice and is followed.
+    root_r = Path(os.path.abspath(root))
+    full = Path(os.path.normpath(root_r / Path(*p.parts)))
     if full != root_r and root_r not in full.parents:
         raise ManifestError(f"{manifest}: path {rel!r} lies outside the data root {root}")
     return full

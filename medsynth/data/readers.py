@@ -320,19 +320,19 @@ def _read_png(path: Path, frame: int | None, as_label: bool) -> Volume:
 
 def contour_image(contour: Path) -> Path:
     """The DICOM slice a Sunnybrook contour file belongs to: ``IM-0001-NNNN.dcm`` for
-    ``IM-0001-NNNN-icontour-manual.txt``, looked up beside the contour, then anywhere under its parent folder."""
+    ``IM-0001-NNNN-icontour-manual.txt``, looked up beside the contour, then anywhere under each of its
+    three nearest ancestor folders (Sunnybrook keeps contours in ``<patient>/contours-manual/IRCCI-expert/``)."""
     stem = contour.name[: -len(CONTOUR_SUFFIX)] if contour.name.lower().endswith(CONTOUR_SUFFIX) else contour.stem
     stem = stem.replace("-ocontour-manual", "")
-    for folder in (contour.parent, contour.parent.parent):
+    for folder in (contour.parent, *list(contour.parent.parents)[:3]):
         same = folder / f"{stem}.dcm"
         if same.is_file():
             return same
         found = sorted(folder.rglob(f"{stem}.dcm"))
         if found:
             return found[0]
-    raise InputFileError(
-        f"{contour}: no DICOM slice {stem}.dcm for this contour beside it or under {contour.parent.parent}"
-    )
+    top = list(contour.parent.parents)[:3][-1] if len(contour.parent.parents) else contour.parent
+    raise InputFileError(f"{contour}: no DICOM slice {stem}.dcm for this contour beside it or under {top}")
 
 
 def _read_points(path: Path) -> np.ndarray:

@@ -106,15 +106,20 @@ def check_outputs(
             if t.is_dir():
                 raise OutputError(f"{name}: is a folder; give a file path for this output")
             if not is_medsynth_file(t):
-                raise OutputError(f"{name}: exists and medsynth did not write it (not a medsynth manifest); refusing to replace it")
+                raise OutputError(
+                    f"{name}: exists and medsynth did not write it (not a medsynth manifest); refusing to replace it"
+                )
         else:
             if t.is_symlink() or not t.is_dir():
-                raise OutputError(f"{name}: exists and is a file medsynth did not write; refusing to replace it with a folder")
+                raise OutputError(
+                    f"{name}: exists and is a file medsynth did not write; refusing to replace it with a folder"
+                )
             if not any(t.iterdir()):
                 continue
             if not has_marker(t):
                 raise OutputError(
-                    f"{name}: exists and is a folder medsynth did not write (no .medsynth marker); refusing to replace it"
+                    f"{name}: exists and is a folder medsynth did not write (no .medsynth marker); "
+                    "refusing to replace it"
                 )
         if not overwrite:
             raise OutputError(f"{name}: exists (an earlier medsynth output); pass --overwrite to replace it")
