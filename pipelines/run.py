@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,59 @@ class _NoErrors(logging.Filter):
     one line for them last."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR and not record.exc_info
+        if record.levelno >= logging.ERROR or record.exc_info:
+            return False
+        # Prefect repeats the error in its final state line ("Finished in state Failed('… exception …')")
+        return not (record.name.startswith("prefect") and "state Failed(" in record.getMessage())
+
+
+def _drain_prefect_queues() -> None:
+    """Send queued logs and events now: once the server is gone they could only fail (at exit, after the
+    CLI's error line)."""
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+    with contextlib.suppress(Exception):
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=5)
+
+
+@contextlib.contextmanager
+def own_temporary_server(log_path: Path) -> Iterator[None]:
+    """Without ``PREFECT_API_URL`` Prefect starts a temporary server that inherits our stderr: its startup,
+    shutdown and crash messages would mix with (and follow) the CLI's one error line. Start it here instead,
+    its output going to the run log, and stop it before returning."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    server = SubprocessASGIServer()
+    if getattr(server, "running", False):  # someone else's (a test harness): leave it alone
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        server.start()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+    try:
+        yield
+    finally:
+        _drain_prefect_queues()
+        with contextlib.suppress(Exception):
+            server.stop()
 
 
 @contextlib.contextmanager
@@ -82,7 +136,7 @@ def run_config(config_path: str | Path, data_root: str | None = None, out: str |
     work = out_dir / WORK_DIR / cfg.run_name
     work.mkdir(parents=True, exist_ok=True)
     write_marker(out_dir / WORK_DIR)
-    with run_log(work / RUN_LOG) as log_path:
+    with run_log(work / RUN_LOG) as log_path, own_temporary_server(log_path):
         try:
             return run_flow(cfg.model_dump(mode="json"), str(work), str(out_dir), str(root) if root else None)
         except Exception as err:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -50,14 +51,19 @@ def prefect_api():
         yield PREFECT_API_URL.value()
 
 
-def _env(api: str, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": api, "OMP_NUM_THREADS": "1", **extra}
+def _env(api: str | None, **extra: str) -> dict[str, str]:
+    """Subprocess environment; ``api=None``: no API URL, so medsynth starts its own temporary server (the
+    plain user path, with its startup and shutdown messages)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("MEDSYNTH_FAULT_AT", None)
+    env.pop("PREFECT_API_URL", None)
+    if api is not None:
+        env["PREFECT_API_URL"] = api
     env.update(extra)
     return env
 
 
-def _run_cli(api: str, args: list[str], **extra: str) -> subprocess.CompletedProcess:
+def _run_cli(api: str | None, args: list[str], **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "medsynth.cli.main", *args],
         env=_env(api, **extra),
@@ -143,7 +149,7 @@ def test_kill9_at_three_points_then_rerun_gives_identical_bytes(prefect_api, tmp
     assert _storage_has_no_pickle() > 0
 
 
-def test_error_inside_a_flow_is_one_last_line_naming_the_file_and_the_log(prefect_api, tmp_path: Path) -> None:
+def test_error_inside_a_flow_is_one_last_line_naming_the_file_and_the_log(tmp_path: Path) -> None:
     from medsynth.data.manifest import read_manifest
 
     manifest = _phantom_manifest(tmp_path, blank_sha=True)
@@ -154,7 +160,8 @@ def test_error_inside_a_flow_is_one_last_line_naming_the_file_and_the_log(prefec
         data={"source": "manifest", "manifest": str(manifest), "splits": {"train": 0.5, "test": 0.5}},
         evaluation={"fidelity": {"enabled": False}, "segmentation": {"enabled": False}},
     )
-    bad = _run_cli(prefect_api, ["run", str(cfg), "--out", str(tmp_path / "o")])
+    # no PREFECT_API_URL: a temporary server of its own, as a user runs it (its exit message must come first)
+    bad = _run_cli(None, ["run", str(cfg), "--out", str(tmp_path / "o")], PREFECT_HOME=str(tmp_path / "ph"))
     assert bad.returncode == 2
     line = _one_error_line(bad.stderr)
     log_path = tmp_path / "o" / ".medsynth-work" / "tiny" / "run.log"
@@ -287,3 +294,25 @@ def test_atomic_dir_never_replaces_foreign_data(tmp_path: Path) -> None:
     with atomic_dir(tmp_path / "ours") as tmp:  # its own output: replaced
         (tmp / "a").write_text("2")
     assert (tmp_path / "ours" / "a").read_text() == "2"
+
+
+def test_sigterm_leaves_no_temp_folder_and_no_lock(tmp_path: Path) -> None:
+    out = tmp_path / "ph"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medsynth.cli.main", "phantom", "--out", str(out), "--subjects", "40"],
+        env=_env("http://127.0.0.1:9/api"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not _leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _leftovers(tmp_path), "the phantom finished before it could be terminated"
+    proc.terminate()
+    rc = proc.wait(timeout=60)
+    err = proc.stderr.read()
+    assert rc == 143, (rc, err[-1000:])
+    assert err.strip().splitlines()[-1] == "medsynth: terminated"
+    assert _leftovers(tmp_path) == [] and not out.exists()
+    assert not (tmp_path / f".{out.name}.medsynth-lock").exists()

@@ -45,7 +45,7 @@ def test_same_seed_byte_identical_other_seed_differs(tmp_path: Path) -> None:
     b = _hash_tree(generate_dataset(tmp_path / "b", subjects=2, contrast="lge", seed=11, **SMALL).parent)
     c = _hash_tree(generate_dataset(tmp_path / "c", subjects=2, contrast="lge", seed=12, **SMALL).parent)
     assert a == b
-    assert set(a) == set(b) and len(a) == 2 * 2 * 2 + 2  # images + labels + manifest + params
+    assert set(a) == set(b) and len(a) == 2 * 2 * 2 + 2 + 1  # images + labels + manifest + params + .medsynth
     # Another seed changes every image (file names differ too: the seed is part of the subject id).
     assert not set(a.values()) & set(c.values())
 

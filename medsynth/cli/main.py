@@ -24,8 +24,10 @@ import importlib
 import logging
 import os
 import pkgutil
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,10 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         # every call to the Prefect API server would otherwise log a line
         logging.getLogger("httpx").setLevel(logging.WARNING)
     plan: dict[str, Any] | None = None
+    previous = _on_sigterm()
     try:
         plan = _plan(args)
         with guarded_output(args, plan):
             rc = args.func(args)
+    except Terminated:
+        _flush_logs()
+        print("medsynth: terminated", file=sys.stderr)
+        return 143
     except MedsynthError as err:
         _flush_logs()
         print(f"medsynth: error: {_one_line(err)}", file=sys.stderr)
@@ -227,7 +234,25 @@ def main(argv: list[str] | None = None) -> int:
         _flush_logs()
         print(f"medsynth: error: {type(err).__name__}: {_one_line(err)} (full traceback in {where})", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(rc or 0)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so temporary folders are removed and the lock released."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def _on_sigterm() -> Any:
+    """Turn SIGTERM into :class:`Terminated` in the main thread; returns the previous handler (None: not set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _flush_logs() -> None:
