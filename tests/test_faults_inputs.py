@@ -255,6 +255,16 @@ CASES: dict[str, Callable[[dict, Path], tuple[list[str], str]]] = {
 }
 
 
+def _error_line(err: str) -> str:
+    """The one ``medsynth: error:`` line, which must be the last line on stderr (log lines may precede it:
+    the CLI logs at INFO), with no traceback anywhere."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("medsynth: error: ")]
+    assert len(errors) == 1 and lines and lines[-1] == errors[0], err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    return errors[0]
+
+
 def _snapshot(folder: Path) -> dict[str, float]:
     return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*")} if folder.exists() else {}
 
@@ -267,11 +277,10 @@ def test_bad_input_is_one_line_exit_2_nothing_left(kind: str, base: dict, tmp_pa
     capsys.readouterr()
     rc = main(args)
     err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert rc == 2, (kind, err)
-    assert len(lines) == 1 and lines[0].startswith("medsynth: error: "), (kind, err)
-    assert "Traceback" not in err and "(full traceback in" not in err, (kind, err)
-    assert named in lines[0], (kind, named, lines[0])
+    line = _error_line(err)
+    assert "(full traceback in" not in line, (kind, line)  # a MedsynthError, not an unforeseen exception
+    assert named in line, (kind, named, line)
     assert _snapshot(tmp_path) == before, (kind, "something was written or changed")
     assert _snapshot(base["root"]) == base_before
 
@@ -283,7 +292,7 @@ def test_at_least_25_kinds() -> None:
 def test_yaml_syntax_error_is_file_line_col(base: dict, tmp_path: Path, capsys) -> None:
     args, cfg = _fit(base, tmp_path, "n_components: 2\nbad: [1, 2\n")
     assert main(args) == 2
-    line = capsys.readouterr().err.strip()
+    line = _error_line(capsys.readouterr().err)
     assert line.startswith(f"medsynth: error: {cfg}:3:1: ") or line.startswith(f"medsynth: error: {cfg}:2:"), line
 
 
@@ -367,8 +376,8 @@ def test_out_guard(cmd: str, base: dict, tmp_path: Path, capsys) -> None:
         precious.write_text("precious")
     before = precious.read_text()
     assert main([*args, "--out", str(foreign), "--overwrite"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "medsynth did not write" in err or "not written by medsynth" in err, err
+    err = _error_line(capsys.readouterr().err)
+    assert "medsynth did not write" in err, err
     assert precious.read_text() == before
     # 2. inside the input data (a dataset folder medsynth did not write)
     if not single_file and cmd not in ("phantom", "run"):
@@ -380,8 +389,8 @@ def test_out_guard(cmd: str, base: dict, tmp_path: Path, capsys) -> None:
         if str(tmp_path / "split.csv") in args:
             write_manifest(read_manifest(tmp_path / "split.csv"), data / "split.csv", data_root=data)
         assert main([*inner, "--out", str(data / "results")]) == 2
-        err = capsys.readouterr().err.strip()
-        assert "inside the input data folder" in err and err.count("\n") == 0, err
+        err = _error_line(capsys.readouterr().err)
+        assert "inside the input data folder" in err, err
         assert not (data / "results").exists()
     # 3. medsynth's own earlier output: refused without --overwrite, replaced with it
     ours = tmp_path / ("ours.csv" if single_file else "ours")
@@ -394,8 +403,8 @@ def test_out_guard(cmd: str, base: dict, tmp_path: Path, capsys) -> None:
             (tmp / "old.txt").write_text("earlier output")
     snapshot = _snapshot(ours.parent)
     assert main([*args, "--out", str(ours)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--overwrite" in err and err.count("\n") == 0, err
+    err = _error_line(capsys.readouterr().err)
+    assert "--overwrite" in err, err
     assert _snapshot(ours.parent) == snapshot
     if cmd in RUN_FOR_REAL:
         old_content = ours.read_text() if single_file else (ours / "old.txt").read_text()
@@ -462,10 +471,10 @@ def _copy_emidec(emidec_root: Path, tmp: Path, case: str = "Case_P") -> Path:
 
 
 def _assert_one_line(rc: int, err: str, named: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("medsynth: error: "), err
-    assert named in lines[0] and "Traceback" not in err, (named, lines[0])
-    return lines[0]
+    assert rc == 2, err
+    line = _error_line(err)
+    assert named in line, (named, line)
+    return line
 
 
 @pytest.mark.realdata

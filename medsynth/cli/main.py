@@ -126,6 +126,8 @@ def _plan(args: argparse.Namespace) -> dict[str, Any] | None:
         cfg = load_run_config(args.config)
         out = Path(out or cfg.output.dir)
         root = resolve_data_root(cfg, args.data_root)
+        if cfg.data.source == "manifest" and cfg.data.manifest and Path(cfg.data.manifest).is_file():
+            inputs.append(Path(cfg.data.manifest))  # a manifest given from the working directory
         if root is not None and cfg.data.source != "phantom":
             data_dirs.append(root)
             sub = cfg.data.root if cfg.data.source == "layout" else cfg.data.manifest
