@@ -316,3 +316,26 @@ def test_sigterm_leaves_no_temp_folder_and_no_lock(tmp_path: Path) -> None:
     assert err.strip().splitlines()[-1] == "medsynth: terminated"
     assert _leftovers(tmp_path) == [] and not out.exists()
     assert not (tmp_path / f".{out.name}.medsynth-lock").exists()
+
+
+def test_unforeseen_exception_inside_a_flow_is_one_line_naming_the_log(
+    prefect_api, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Not a MedsynthError (a bug, say): still one last line, exit 2, the traceback in the run log."""
+    from prefect import task
+
+    import pipelines.tasks as tasks
+
+    def broken_merge(work: str, subject_records: list) -> dict:
+        raise RuntimeError("injected failure in merge-slices")
+
+    monkeypatch.setattr(tasks, "merge_slices", task(broken_merge, name="merge-slices"))
+    cfg = _config(tmp_path, evaluation={"fidelity": {"enabled": False}, "segmentation": {"enabled": False}})
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    log_path = tmp_path / "o" / ".medsynth-work" / "tiny" / "run.log"
+    assert "RuntimeError: injected failure in merge-slices" in line and str(log_path) in line
+    text = log_path.read_text()
+    assert "Traceback" in text and "injected failure" in text
+    assert not (tmp_path / "o" / "tiny").exists()
