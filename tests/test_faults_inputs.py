@@ -543,3 +543,11 @@ def test_realdata_emidec_png_bad_inputs(emidec_png_root: Path, tmp_path: Path, c
     manifest.write_bytes(manifest.read_bytes() + b"\xff\xfe\n")
     _assert_one_line(main(["inspect", str(manifest), "--out", out]), capsys.readouterr().err, str(manifest))
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_get_the_mode_of_every_other_file(base: dict) -> None:
+    """safetensors writes 0600; every file medsynth writes gets 0666 less the umask (identical runs, modes too)."""
+    from medsynth.utils.atomic import FILE_MODE
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in base["model"].iterdir() if p.is_file()}
+    assert "weights.safetensors" in modes and set(modes.values()) == {FILE_MODE}, modes
