@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -40,6 +41,28 @@ TINY = {
         "segmentation": {"arms": ["real"], "seeds": [0], "params": {"image_size": 32, "iterations": 4}},
     },
 }
+
+
+def _drop_prefect_consoles() -> None:
+    """In-process runs under pytest: Prefect's console handler keeps the stderr capture of the test that
+    configured it and, once that is closed, prints logging tracebacks into later tests' stderr. The CLI in
+    its own process never sees this; here the handler is dropped (medsynth's own handlers stay)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        for h in list(lg.handlers):
+            if isinstance(h, PrefectConsoleHandler):
+                lg.removeHandler(h)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_console():
+    _drop_prefect_consoles()
+    yield
+    _drop_prefect_consoles()
 
 
 @pytest.fixture(scope="module")
