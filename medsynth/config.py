@@ -127,14 +127,31 @@ def validate(model: type[M], data: Any, source: str = "config", prefix: str = ""
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; raise :class:`ConfigError` naming the file on a missing file or bad syntax."""
+    """Parse a YAML file; raise :class:`ConfigError` naming the file on a missing, unreadable, non-UTF-8 or
+    empty file, and ``file:line:col: problem`` on a syntax error."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = " ".join(str(err.problem or err.context or "invalid YAML").split())
+        raise ConfigError(f"{where}: {problem}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
+    if data is None:
+        # an empty file would silently run every default: almost always the wrong file or a lost edit
+        raise ConfigError(f"{path}: config file is empty")
+    return data
 
 
 def load_config(model: type[M], path: str | Path) -> M:

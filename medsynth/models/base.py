@@ -255,6 +255,8 @@ class GenerativeModel(ABC):
             "config": self.config.model_dump(mode="json"),
             "meta": meta,
             "model_hash": self.model_hash,
+            # names, dtypes and shapes of the weights: load checks them before any code uses the arrays
+            "arrays": {k: [str(v.dtype), list(v.shape)] for k, v in sorted(arrays.items())},
         }
         with atomic_dir(directory) as tmp:
             if arrays:
@@ -276,7 +278,10 @@ class GenerativeModel(ABC):
 
         directory = Path(directory)
         record = read_model_record(directory)
-        family_cls = get_family(record["family"])
+        try:
+            family_cls = get_family(record["family"])
+        except ValueError as err:
+            raise InputFileError(f"{directory / MODEL_FILE}: {err}") from None
         if cls is not GenerativeModel and not issubclass(family_cls, cls):
             raise InputFileError(f"{directory}: holds a {record['family']!r} model, not {cls.family!r}")
         model = family_cls(record.get("config") or {})
@@ -285,7 +290,20 @@ class GenerativeModel(ABC):
             arrays = load_file(str(weights)) if weights.exists() else {}
         except Exception as err:  # safetensors raises its own error types on truncated files
             raise InputFileError(f"{weights}: corrupt or truncated weights: {err}") from None
-        model.set_state(arrays, record.get("meta") or {})
+        expected = record.get("arrays")
+        if isinstance(expected, dict):
+            found = {k: [str(v.dtype), list(v.shape)] for k, v in arrays.items()}
+            if found != expected:
+                what = "missing" if not weights.exists() else "not the layout model.json records"
+                diff = sorted(set(expected) ^ set(found)) or sorted(k for k in expected if expected[k] != found.get(k))
+                raise InputFileError(f"{weights}: weights {what} (arrays {diff[:4]} differ)")
+        try:
+            model.set_state(arrays, record.get("meta") or {})
+        except (KeyError, ValueError, TypeError, IndexError) as err:  # missing or another family's arrays
+            what = "missing" if not weights.exists() else "not this family's layout"
+            raise InputFileError(
+                f"{weights}: weights {what} for a {record['family']!r} model ({type(err).__name__}: {err})"
+            ) from None
         model.fitted = True
         return model
 

@@ -41,9 +41,12 @@ def read_fit_report(model_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InputFileError(f"{path}: corrupt fit report: {err}") from None
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputFileError(f"{path}: corrupt fit report: {' '.join(str(err).split())}") from None
+    if not isinstance(record, dict):
+        raise InputFileError(f"{path}: corrupt fit report: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def load_fitted(model_dir: str | Path) -> tuple[GenerativeModel, Any]:

@@ -173,7 +173,12 @@ def write_augment_outputs(
         sections += ["", "## Fidelity (synthetic vs held-out real)", _markdown_table(fid)]
     if segmentation_records:
         per_case = pd.concat([pd.read_csv(artefact(r)) for r in segmentation_records], ignore_index=True)
-        per_case.to_csv(staging / "segmentation_per_case.csv", index=False)
+        from medsynth.evaluation.segmentation import split_timings
+
+        # wall-clock seconds go beside the run folder (work/timings.csv): the run folder stays byte-identical
+        results, timings = split_timings(per_case)
+        results.to_csv(staging / "segmentation_per_case.csv", index=False)
+        timings.to_csv(Path(work) / "timings.csv", index=False)
         seg = per_seed_table(per_case)
         seg.to_csv(staging / "segmentation.csv", index=False)
         summary = summarise(per_case, seed=config["seed"])

@@ -17,44 +17,89 @@ from medsynth.data.slices import SliceSet
 from medsynth.errors import ConfigError, ManifestError
 from medsynth.utils.hashing import sha256_file
 from medsynth.workflows import ops
-from medsynth.workflows.stage import artefact, run_stage, stage_dir
+from medsynth.workflows.stage import artefact, file_hashes, run_stage, stage_dir
 
 log = logging.getLogger(__name__)
 
 
-def _tree_fingerprint(root: Path) -> str:
-    """Cheap fingerprint of a data folder (names, sizes, mtimes) so a changed dataset invalidates caches."""
+def _tree_fingerprint(root: Path, work: str | Path | None = None) -> str:
+    """Fingerprint of a data folder: every file's relative name and content hash, so a changed file (even one
+    a layout reads without the manifest changing) invalidates the caches. Hashes are reused while a file's
+    size and mtime are unchanged (:func:`medsynth.workflows.stage.file_hashes`)."""
     from medsynth.utils.hashing import sha256_json
 
-    entries = sorted(
-        (str(p.relative_to(root)), p.stat().st_size, int(p.stat().st_mtime)) for p in root.rglob("*") if p.is_file()
-    )
-    return sha256_json(entries)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    hashes = file_hashes(files, work)
+    return sha256_json([(str(p.relative_to(root)), hashes[str(p)]) for p in files])
+
+
+def _manifest_files_fingerprint(manifest: Path, data_root: str | None, work: str | Path | None) -> str:
+    """Content hashes of the manifest and of every image / label file it names (missing files are left to the
+    manifest checks, which name them)."""
+    from medsynth.data.manifest import resolve_path
+    from medsynth.errors import MedsynthError
+    from medsynth.utils.hashing import sha256_json
+
+    df = read_manifest(manifest)
+    root = resolve_data_root(manifest, data_root)
+    files: list[Path] = []
+    for col in ("image", "label"):
+        for rel in df[col]:
+            try:
+                full = resolve_path(root, rel, manifest) if rel else None
+            except MedsynthError:
+                continue
+            if full is not None and full.exists():
+                files.append(full)
+    files = sorted(set(files))
+    hashes = file_hashes([manifest, *files], work)
+    return sha256_json({"manifest": hashes[str(manifest)], "files": [(str(p), hashes[str(p)]) for p in files]})
+
+
+def _prepare_inputs(work: str, data: dict[str, Any], seed: int, data_root: str | None) -> tuple[dict, Path | None]:
+    """The prepare stage's key inputs (config, seed, the content of every input file) and its data target."""
+    source = data["source"]
+    inputs: dict[str, Any] = {"data": data, "seed": seed}
+    if source not in ("layout", "manifest"):
+        return inputs, None
+    if data_root is None and not Path(data.get("root") or data.get("manifest") or "").is_absolute():
+        raise ConfigError(
+            f"data.source is {source!r}: give --data-root or set ${data['data_root_env']} to the data folder"
+        )
+    base = Path(data_root) if data_root else Path("/")
+    target = base / (data["root"] or "") if source == "layout" else base / data["manifest"]
+    if source == "manifest" and not Path(data["manifest"]).is_absolute() and Path(data["manifest"]).is_file():
+        # a manifest shipped with the project (data_manifests/…): its paths are under the data root
+        target, inputs["manifest_data_root"] = Path(data["manifest"]), str(data_root) if data_root else None
+    if not target.exists():
+        raise ConfigError(f"data.{'root' if source == 'layout' else 'manifest'}: {target} does not exist")
+    if target.is_dir():
+        inputs["fingerprint"] = _tree_fingerprint(target, work)
+    else:
+        inputs["fingerprint"] = _manifest_files_fingerprint(target, inputs.get("manifest_data_root"), work)
+    inputs["target"] = str(target.resolve())
+    return inputs, target
+
+
+def prepare_fingerprint(work: str, data: dict[str, Any], seed: int, data_root: str | None) -> str:
+    """Hash of what :func:`prepare_manifest` depends on, file contents included (for orchestrator cache keys:
+    a data file changed between runs must not let a cached prepare step through)."""
+    from medsynth.utils.hashing import sha256_json
+
+    return sha256_json(_prepare_inputs(work, data, seed, data_root)[0])
 
 
 # ---- data -----------------------------------------------------------------------------------------------
 def prepare_manifest(work: str, data: dict[str, Any], seed: int, data_root: str | None) -> dict[str, Any]:
-    """Produce the run's manifest with patient-level splits: phantom, a dataset layout, or a given manifest."""
+    """Produce the run's manifest with patient-level splits: phantom, a dataset layout, or a given manifest.
+
+    The stage key covers the content of every input file (a layout's whole folder; a manifest and each file
+    it names), so a changed image is read again; a manifest ``sha256`` that does not match its image is an
+    error naming the file."""
     from medsynth.data.splits import assign_splits
 
     source = data["source"]
-    inputs: dict[str, Any] = {"data": data, "seed": seed}
-    root: Path | None = None
-    if source in ("layout", "manifest"):
-        if data_root is None and not Path(data.get("root") or data.get("manifest") or "").is_absolute():
-            raise ConfigError(
-                f"data.source is {source!r}: give --data-root or set ${data['data_root_env']} to the data folder"
-            )
-        base = Path(data_root) if data_root else Path("/")
-        target = base / (data["root"] or "") if source == "layout" else base / data["manifest"]
-        if source == "manifest" and not Path(data["manifest"]).is_absolute() and Path(data["manifest"]).is_file():
-            # a manifest shipped with the project (data_manifests/…): its paths are under the data root
-            target, inputs["manifest_data_root"] = Path(data["manifest"]), str(data_root) if data_root else None
-        if not target.exists():
-            raise ConfigError(f"data.{'root' if source == 'layout' else 'manifest'}: {target} does not exist")
-        root = target
-        inputs["fingerprint"] = _tree_fingerprint(target) if target.is_dir() else sha256_file(target)
-        inputs["target"] = str(target.resolve())
+    inputs, root = _prepare_inputs(work, data, seed, data_root)
 
     def build(tmp: Path) -> dict[str, Any]:
         if source == "phantom":
@@ -80,7 +125,12 @@ def prepare_manifest(work: str, data: dict[str, Any], seed: int, data_root: str 
             df = build_manifest(data["layout"], root, lenient=data["lenient"])
             df_root = root
         else:
-            df, df_root = load_manifest(root, data_root=inputs.get("manifest_data_root"), lenient=data["lenient"])
+            df, df_root = load_manifest(
+                root,
+                data_root=inputs.get("manifest_data_root"),
+                lenient=data["lenient"],
+                hasher=lambda p: file_hashes([p], work)[str(p)],
+            )
         df = _limit_subjects(df, data.get("max_subjects"), seed)
         if (df["split"] == "").any():
             df = assign_splits(df, fractions=data["splits"], seed=seed)
@@ -118,15 +168,34 @@ def preprocess_subject(
     work: str, manifest_record: dict[str, Any], subject_id: str, preprocess: dict[str, Any], lenient: bool = False
 ) -> dict[str, Any]:
     """Slices of one subject (all its image–label pairs) as an npz SliceSet."""
+    from medsynth.data.manifest import resolve_path
     from medsynth.data.preprocess import PreprocessConfig, slices_from_manifest
+    from medsynth.errors import MedsynthError
 
-    inputs = {"manifest": manifest_record["sha256"], "subject": subject_id, "preprocess": preprocess}
+    # Keyed on this subject's rows and the content of its files, not the whole manifest: a changed file of
+    # one subject re-reads that subject only.
+    mpath = artefact(manifest_record)
+    df = read_manifest(mpath)
+    root = resolve_data_root(mpath)
+    rows = df[df["subject_id"] == subject_id]
+    files: list[Path] = []
+    for rel in [*rows["image"], *rows["label"]]:
+        try:
+            full = resolve_path(root, rel, mpath) if rel else None
+        except MedsynthError:
+            continue  # named by the preprocessing below
+        if full is not None and full.exists():
+            files.append(full)
+    hashes = file_hashes(sorted(set(files)), work)
+    inputs = {
+        "subject": subject_id,
+        "rows": rows.drop(columns=["image", "label"]).to_dict("records"),
+        "files": sorted(hashes.values()),
+        "preprocess": preprocess,
+        "lenient": lenient,
+    }
 
     def build(tmp: Path) -> dict[str, Any]:
-        mpath = artefact(manifest_record)
-        df = read_manifest(mpath)
-        root = resolve_data_root(mpath)
-        rows = df[df["subject_id"] == subject_id]
         slices = slices_from_manifest(rows, root, PreprocessConfig(**preprocess), manifest=str(mpath), lenient=lenient)
         slices.save(tmp / "slices.npz")
         return {"path": "slices.npz", "n": len(slices)}
