@@ -42,6 +42,7 @@ from medsynth.labels import BACKGROUND, CANONICAL, LV, MVO, MYO, MYOCARDIAL_WALL
 from medsynth.models.base import AnomalyScores, GenerativeModel, Samples
 from medsynth.synthesis.degrade import DegradeConfig, RandomDegrade, apply_degrade
 from medsynth.synthesis.labels_to_image import LabelsToImage, gmm_logpdf, quantile_table, tissue_wasserstein
+from medsynth.synthesis.partition import attach_partition, bank_indices, extend_labels, partition_slices
 from medsynth.synthesis.scar import ScarModel, robust_stats, wall_coordinates
 from medsynth.utils.seeding import rng as make_rng
 
@@ -72,6 +73,12 @@ class GMMConfig(StrictModel):
     population_scale: float = 1.0  # multiplies the population spread when sampling (0 = mean subject)
     sample_group: str | None = None  # e.g. "lge" / "lge/siemens"; None = draw groups by training frequency
     texture: Literal["correlated", "white"] = "correlated"  # "white": faster, no spatially correlated texture
+    # Everything outside the heart labels: "partition" renders unsupervised surroundings classes (outside the
+    # body, lung, body wall, liver, vessels; :mod:`medsynth.synthesis.partition`) each with fitted statistics;
+    # "field" one random field for the whole background (the earlier behaviour).
+    surroundings: Literal["partition", "field"] = "partition"
+    surroundings_classes: int = 7  # partition classes: outside the body + 6 body classes (7 looked least blotchy)
+    partition_bank: int = 256  # training partitions kept in the model (uint8) and attached to new label maps
     degrade: DegradeConfig = DegradeConfig()
     score_prior_strength: float = 2.0  # pseudo-count of the Beta prior on the per-slice scar fraction
 
@@ -88,6 +95,10 @@ class GMMModel(GenerativeModel):
         super().__init__(config)
         if self.config.n_components < 1:
             raise ValueError("n_components: must be >= 1")
+        if self.config.surroundings_classes < 2:
+            raise ValueError("surroundings_classes: must be >= 2 (outside the body + one body class)")
+        if self.config.partition_bank < 1:
+            raise ValueError("partition_bank: must be >= 1")
         self.groups: list[str] = []
         self.arrays: dict[str, np.ndarray] = {}
         self.scar_model: ScarModel | None = None
@@ -109,8 +120,21 @@ class GMMModel(GenerativeModel):
         pairs = zip(train.meta["modality"], train.meta["vendor"], strict=True)
         keys = np.array([self.group_key(m, v) for m, v in pairs])
         self.groups = sorted(str(k) for k in set(keys))
-        per_group = [self._fit_group(train.subset(keys == g), rng, seed) for g in self.groups]
+        fit_labels = train.labels
+        bank: dict[str, np.ndarray] = {}
+        if self.config.surroundings == "partition":
+            # every training slice gets its surroundings classes; the fit then treats them as tissues
+            parts = partition_slices(train.images, train.labels, self.config.surroundings_classes, seed)
+            fit_labels = extend_labels(train.labels, parts)
+            keep = bank_indices(len(train), self.config.partition_bank)
+            gid = np.array([self.groups.index(str(k)) for k in keys])
+            bank = {"partition_bank": parts[keep], "partition_group": gid[keep].astype(np.int64)}
+        n_classes = N_CLASSES + (self.config.surroundings_classes if bank else 0)
+        per_group = [
+            self._fit_group(train.subset(keys == g), fit_labels[keys == g], n_classes, rng, seed) for g in self.groups
+        ]
         self.arrays = {k: np.stack([p[k] for p in per_group]) for k in per_group[0]}
+        self.arrays.update(bank)
         self._fit_scar(train, keys)
         self._renderer = None
         self.fitted = True
@@ -126,10 +150,13 @@ class GMMModel(GenerativeModel):
             )
         return report
 
-    def _fit_group(self, part: SliceSet, rng: np.random.Generator, seed: int) -> dict[str, np.ndarray]:
-        c_, m_ = N_CLASSES, self.config.n_components
+    def _fit_group(
+        self, part: SliceSet, lab: np.ndarray, n_classes: int, rng: np.random.Generator, seed: int
+    ) -> dict[str, np.ndarray]:
+        """Parameters of one group from its slices ``part`` and their (possibly extended) labels ``lab``
+        (N, H, W) with codes < ``n_classes`` (canonical classes, then surroundings classes)."""
+        c_, m_ = n_classes, self.config.n_components
         x = part.images[:, 0].astype(np.float64)
-        lab = part.labels
         subjects = part.meta["subject_id"].astype(str).to_numpy()
         subj_ids = sorted(set(subjects))
         n_s = len(subj_ids)
@@ -162,10 +189,11 @@ class GMMModel(GenerativeModel):
         can_rel = mode[MYO] == MODE_CORE and mode[LV] == MODE_CORE
         for c in range(c_):
             if mode[c] != MODE_CORE and present[:, c].any():
-                mode[c] = MODE_RELATIVE if can_rel else MODE_ABSOLUTE
+                # surroundings classes have no tie to the blood–myocardium contrast: absolute statistics
+                mode[c] = MODE_RELATIVE if can_rel and c < N_CLASSES else MODE_ABSOLUTE
         donor = np.arange(c_, dtype=np.int32)
         for c in np.flatnonzero(mode == MODE_DONOR):
-            options = [d for d in DONORS[c] if mode[d] != MODE_DONOR]
+            options = [d for d in _donors(int(c), c_) if mode[d] != MODE_DONOR]
             if not options:
                 options = [d for d in range(c_) if mode[d] != MODE_DONOR]
             donor[c] = options[0] if options else c
@@ -293,7 +321,10 @@ class GMMModel(GenerativeModel):
             a = self.arrays
             tables = np.array(
                 [
-                    [quantile_table(a["gmm_w"][g, c], a["gmm_mu"][g, c], a["gmm_sd"][g, c]) for c in range(N_CLASSES)]
+                    [
+                        quantile_table(a["gmm_w"][g, c], a["gmm_mu"][g, c], a["gmm_sd"][g, c])
+                        for c in range(self.n_render_classes)
+                    ]
                     for g in range(len(self.groups))
                 ]
             )
@@ -306,6 +337,15 @@ class GMMModel(GenerativeModel):
                 correlated=self.config.texture == "correlated",
             )
         return self._renderer
+
+    @property
+    def n_render_classes(self) -> int:
+        """Classes the renderer knows: the canonical ones, plus the surroundings classes of a partition model."""
+        return int(self.arrays["mode"].shape[1])
+
+    @property
+    def uses_partition(self) -> bool:
+        return "partition_bank" in self.arrays
 
     def sample_tissue_params(
         self, n: int, rng: np.random.Generator, group: str | None = None
@@ -322,20 +362,21 @@ class GMMModel(GenerativeModel):
             weight = a["n_subjects"].astype(float)
             gidx = rng.choice(len(self.groups), size=n, p=weight / weight.sum())
         scale = self.config.population_scale
-        mean = np.zeros((n, N_CLASSES))
-        logsd = np.zeros((n, N_CLASSES))
+        c_ = self.n_render_classes
+        mean = np.zeros((n, c_))
+        logsd = np.zeros((n, c_))
         for g in range(len(self.groups)):
             rows = np.flatnonzero(gidx == g)
             if rows.size == 0:
                 continue
             mode = a["mode"][g]
             core = np.repeat(mode == MODE_CORE, 2)
-            vec = np.zeros((rows.size, 2 * N_CLASSES))
+            vec = np.zeros((rows.size, 2 * c_))
             if core.any():
                 cov = a["pop_cov"][g][np.ix_(core, core)] * scale**2
                 vec[:, core] = rng.multivariate_normal(a["pop_mean"][g][core], cov, size=rows.size, method="eigh")
             m, ls = vec[:, 0::2], vec[:, 1::2]
-            for c in range(N_CLASSES):
+            for c in range(c_):
                 if mode[c] == MODE_RELATIVE:
                     tm, ts, rm, rs = a["rel"][g, c]
                     t = tm + scale * ts * rng.standard_normal(rows.size)
@@ -379,10 +420,24 @@ class GMMModel(GenerativeModel):
         def post(images: np.ndarray, chunk_rng: np.random.Generator) -> np.ndarray:
             return apply_degrade(images, degrade.sample_params(images.shape[0], chunk_rng))
 
-        images = self.renderer.render(labels, gidx, mean, sd, rng, threads=self.threads, post=post)
+        render_labels = labels
+        if self.uses_partition:
+            render_labels = extend_labels(labels, self.attach_partitions(labels, gidx, rng))
+        images = self.renderer.render(render_labels, gidx, mean, sd, rng, threads=self.threads, post=post)
         if context is not None:
             images = keep_surroundings(images, labels, context)
         return Samples(images[:, None].astype(np.float32, copy=False), labels)
+
+    def attach_partitions(self, labels: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Surroundings partitions (n, H, W) uint8 for canonical ``labels`` (n, H, W): each from a bank slice of
+        its image's group (``groups`` (n,) indices), see :func:`~medsynth.synthesis.partition.attach_partition`."""
+        bank, bank_group = self.arrays["partition_bank"], self.arrays["partition_group"]
+        index = np.empty(len(labels), dtype=np.int64)
+        for i, g in enumerate(groups):
+            pool = np.flatnonzero(bank_group == g)
+            pool = pool if pool.size else np.arange(len(bank))
+            index[i] = pool[rng.integers(0, pool.size)]
+        return attach_partition(labels, bank, rng, index=index)
 
     def supports(self, capability: str) -> bool:
         # scoring and scar insertion need the scar model, fitted only where training slices carry scar labels
@@ -476,6 +531,15 @@ class GMMModel(GenerativeModel):
         self.score_params = {k: float(v) for k, v in (meta.get("score_params") or {}).items()}
         self._renderer = None
         self.fitted = True
+
+
+def _donors(c: int, n_classes: int) -> tuple[int, ...]:
+    """Classes whose mixture a class no training subject has borrows, in order of preference."""
+    if c < N_CLASSES:
+        return DONORS[c]
+    # surroundings classes: the neighbouring classes in intensity order first
+    others = [d for d in range(N_CLASSES, n_classes) if d != c]
+    return (*sorted(others, key=lambda d: (abs(d - c), d)), MYO)
 
 
 def keep_surroundings(images: np.ndarray, labels: np.ndarray, context: np.ndarray, sigma: float = 0.7) -> np.ndarray:
