@@ -183,17 +183,22 @@ def _resample_nearest(part: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return part[np.ix_(iy, ix)]
 
 
-def fit_to_heart(part: np.ndarray, labels: np.ndarray, fill: int = 3) -> np.ndarray:
+def fit_to_heart(part: np.ndarray, labels: np.ndarray, fill: int = 3, exclude: tuple[int, ...] = ()) -> np.ndarray:
     """Make a partition (H, W) consistent with heart ``labels`` (H, W): its own heart hole (code 0) is filled
-    with the nearest surroundings class (what surrounded that heart: pericardial fat, lung, liver …), then the
-    new heart pixels are set to 0. A partition without any surroundings pixel becomes ``fill`` everywhere."""
+    with the nearest surroundings class (what surrounded that heart: pericardial fat, lung, liver …) other
+    than the classes in ``exclude`` (e.g. blood-bright classes, which next to a new heart would look like an
+    unlabelled ventricle), then the new heart pixels are set to 0. A partition without any usable
+    surroundings pixel becomes ``fill`` everywhere."""
     part = np.asarray(part, dtype=np.uint8)
     hole = part == HEART
-    if hole.all():
+    source = ~hole & ~np.isin(part, exclude)
+    if not source.any():
+        source = ~hole
+    if not source.any():
         filled = np.full(part.shape, fill, dtype=np.uint8)
     elif hole.any():
-        _, (iy, ix) = ndimage.distance_transform_edt(hole, return_indices=True)
-        filled = part[iy, ix]
+        _, (iy, ix) = ndimage.distance_transform_edt(~source, return_indices=True)
+        filled = np.where(hole, part[iy, ix], part)
     else:
         filled = part.copy()
     filled[np.asarray(labels) != BACKGROUND] = HEART
@@ -208,6 +213,7 @@ def attach_partition(
     rotate_deg: float = 10.0,
     scale: float = 0.08,
     translate_px: float = 5.0,
+    exclude: tuple[int, ...] = (),
 ) -> np.ndarray:
     """Partitions (n, H, W) uint8 for canonical label maps ``labels`` (n, H, W) from a ``bank`` (B, H', W') of
     training partitions.
@@ -215,8 +221,9 @@ def attach_partition(
     Each map gets bank entry ``index[i]`` (default: uniform draws from ``rng``), resampled to (H, W) if the
     bank has another size, moved by a random in-plane affine (rotation ±``rotate_deg``, zoom 1±``scale``,
     shift ±``translate_px`` px, nearest neighbour, edges extended) and made consistent with the map's heart
-    by :func:`fit_to_heart`: heart pixels are 0 and every background pixel has a class (preprocessed slices
-    are centred on the heart, so bank and map hearts roughly coincide). Deterministic given ``rng``.
+    by :func:`fit_to_heart` (``exclude``: classes not used to fill the bank heart's place): heart pixels are
+    0 and every background pixel has a class (preprocessed slices are centred on the heart, so bank and map
+    hearts roughly coincide). Deterministic given ``rng``.
     """
     labels = np.asarray(labels)
     bank = np.asarray(bank)
@@ -239,7 +246,7 @@ def attach_partition(
         shift = rng.uniform(-translate_px, translate_px, size=2)
         offset = centre - m @ (centre + shift)
         part = ndimage.affine_transform(part, m, offset=offset, order=0, mode="nearest")
-        out[i] = fit_to_heart(part, labels[i])
+        out[i] = fit_to_heart(part, labels[i], exclude=exclude)
     return out
 
 

@@ -437,7 +437,23 @@ class GMMModel(GenerativeModel):
             pool = np.flatnonzero(bank_group == g)
             pool = pool if pool.size else np.arange(len(bank))
             index[i] = pool[rng.integers(0, pool.size)]
-        return attach_partition(labels, bank, rng, index=index)
+        out = np.zeros(labels.shape, dtype=np.uint8)
+        for g in np.unique(groups):
+            rows = np.flatnonzero(groups == g)
+            out[rows] = attach_partition(labels[rows], bank, rng, index=index[rows], exclude=self._bright_classes(g))
+        return out
+
+    def _bright_classes(self, g: int) -> tuple[int, ...]:
+        """Partition codes of group ``g`` whose mean is nearer the LV blood pool than the myocardium: kept out
+        of the place a bank slice's own heart occupied, so a new heart is not flanked by unlabelled
+        blood-bright tissue that a segmenter would have to call background."""
+        a = self.arrays
+
+        def mean(c: int) -> float:
+            return float(a["pop_mean"][g, 2 * c] if a["mode"][g, c] == MODE_CORE else a["abs"][g, c, 0])
+
+        cut = 0.5 * (mean(LV) + mean(MYO))
+        return tuple(c - N_CLASSES + 1 for c in range(N_CLASSES, self.n_render_classes) if mean(c) > cut)
 
     def supports(self, capability: str) -> bool:
         # scoring and scar insertion need the scar model, fitted only where training slices carry scar labels
