@@ -163,6 +163,11 @@ class GMMModel(GenerativeModel):
         stats = np.full((n_s, c_, 2), np.nan)  # mean, log sd per subject and class
         zmap = np.zeros_like(x)
         interior = _interior_masks(lab, self.config.interior_erosion)
+        if c_ > N_CLASSES:
+            # surroundings classes come from a smoothed clustering, so their borders are a few px uncertain:
+            # one more px of erosion keeps neighbouring tissue out of their statistics (speckle when rendered)
+            deeper = _interior_masks(lab, self.config.interior_erosion + 1)
+            interior = np.where(lab >= N_CLASSES, deeper, interior)
         use = np.zeros(lab.shape, dtype=bool)  # pixels the tissue statistics are estimated from
         for si, s in enumerate(subj_ids):
             sel = subjects == s
