@@ -245,7 +245,7 @@ class GMMModel(GenerativeModel):
             z = zmap[(lab == c) & use]
             if z.size > self.config.max_pixels_per_class:
                 z = rng.choice(z, self.config.max_pixels_per_class, replace=False)
-            k = min(m_, max(1, z.size // 50))
+            k = min(m_, max(1, z.size // 50), max(1, np.unique(z[:5000]).size))  # constant classes (air): 1
             gm = GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=seed, max_iter=200)
             gm.fit(z[:, None])
             order = np.argsort(gm.means_[:, 0])
@@ -306,12 +306,15 @@ class GMMModel(GenerativeModel):
         }
 
     def class_means(self) -> dict[str, dict[str, float]]:
-        """Mean over subjects of the per-subject class means (normalised intensity), per group."""
+        """Mean over subjects of the per-subject class means (normalised intensity), per group; surroundings
+        classes of a partition model as ``surroundings_<k>`` (k = 1 outside the body … K brightest)."""
         out: dict[str, dict[str, float]] = {}
+        names = dict(CANONICAL)
+        names.update({c: f"surroundings_{c - N_CLASSES + 1}" for c in range(N_CLASSES, self.n_render_classes)})
         for gi, g in enumerate(self.groups):
             mode = self.arrays["mode"][gi]
             row = {}
-            for c, name in CANONICAL.items():
+            for c, name in names.items():
                 if mode[c] == MODE_CORE:
                     row[name] = float(self.arrays["pop_mean"][gi, 2 * c])
                 elif mode[c] in (MODE_RELATIVE, MODE_ABSOLUTE):
