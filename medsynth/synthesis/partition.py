@@ -250,6 +250,34 @@ def attach_partition(
     return out
 
 
+def match_bank(
+    labels: np.ndarray, bank: np.ndarray, rng: np.random.Generator, top: int = 5, candidates: np.ndarray | None = None
+) -> np.ndarray:
+    """Bank indices (n,) for label maps (n, H, W): for each map, one of the ``top`` bank partitions (B, H', W')
+    whose heart (code 0) overlaps the map's heart best (Dice of the masks on a 4× coarser grid), drawn with
+    ``rng``. A partition that held a heart of similar size, shape and position has the surroundings of that
+    heart (basal slices: atria and great vessels; apical: liver), instead of a random slice's.
+    ``candidates`` restricts the choice to those bank indices (e.g. one contrast group)."""
+    labels = np.asarray(labels)
+    bank = np.asarray(bank)
+    if labels.ndim != 3 or bank.ndim != 3 or len(bank) == 0:
+        raise ValueError(f"labels/bank: expected (n, H, W) and non-empty (B, H, W), got {labels.shape}, {bank.shape}")
+    pool = np.arange(len(bank)) if candidates is None else np.asarray(candidates, dtype=np.int64)
+    if pool.size == 0:
+        pool = np.arange(len(bank))
+    h, w = labels.shape[1:]
+    size = (max(1, h // 4), max(1, w // 4))
+    heart = np.stack([_resample_nearest((lab != BACKGROUND).astype(np.uint8), size) for lab in labels])
+    bank_heart = np.stack([_resample_nearest((bank[b] == HEART).astype(np.uint8), size) for b in pool])
+    a = heart.reshape(len(labels), -1).astype(np.float32)
+    b = bank_heart.reshape(len(pool), -1).astype(np.float32)
+    dice = 2 * (a @ b.T) / np.maximum(a.sum(1)[:, None] + b.sum(1)[None, :], 1.0)
+    k = min(top, len(pool))
+    best = np.argsort(-dice, axis=1, kind="stable")[:, :k]
+    pick = best[np.arange(len(labels)), rng.integers(0, k, size=len(labels))]
+    return pool[pick]
+
+
 def extend_labels(labels: np.ndarray, partition: np.ndarray) -> np.ndarray:
     """Extended label map (any shape, uint8): canonical heart codes where ``labels`` != background, else
     :func:`surroundings_code` of the partition class. Background pixels with partition 0 (none should be

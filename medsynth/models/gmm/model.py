@@ -42,7 +42,7 @@ from medsynth.labels import BACKGROUND, CANONICAL, LV, MVO, MYO, MYOCARDIAL_WALL
 from medsynth.models.base import AnomalyScores, GenerativeModel, Samples
 from medsynth.synthesis.degrade import DegradeConfig, RandomDegrade, apply_degrade
 from medsynth.synthesis.labels_to_image import LabelsToImage, gmm_logpdf, quantile_table, tissue_wasserstein
-from medsynth.synthesis.partition import attach_partition, bank_indices, extend_labels, partition_slices
+from medsynth.synthesis.partition import attach_partition, bank_indices, extend_labels, match_bank, partition_slices
 from medsynth.synthesis.scar import ScarModel, robust_stats, wall_coordinates
 from medsynth.utils.seeding import rng as make_rng
 
@@ -79,6 +79,7 @@ class GMMConfig(StrictModel):
     surroundings: Literal["partition", "field"] = "partition"
     surroundings_classes: int = 7  # partition classes: outside the body + 6 body classes (7 looked least blotchy)
     partition_bank: int = 256  # training partitions kept in the model (uint8) and attached to new label maps
+    partition_match: int = 5  # a new map gets one of the bank partitions whose hearts overlap its heart best
     degrade: DegradeConfig = DegradeConfig()
     score_prior_strength: float = 2.0  # pseudo-count of the Beta prior on the per-slice scar fraction
 
@@ -97,8 +98,8 @@ class GMMModel(GenerativeModel):
             raise ValueError("n_components: must be >= 1")
         if self.config.surroundings_classes < 2:
             raise ValueError("surroundings_classes: must be >= 2 (outside the body + one body class)")
-        if self.config.partition_bank < 1:
-            raise ValueError("partition_bank: must be >= 1")
+        if self.config.partition_bank < 1 or self.config.partition_match < 1:
+            raise ValueError("partition_bank / partition_match: must be >= 1")
         self.groups: list[str] = []
         self.arrays: dict[str, np.ndarray] = {}
         self.scar_model: ScarModel | None = None
@@ -440,15 +441,14 @@ class GMMModel(GenerativeModel):
         """Surroundings partitions (n, H, W) uint8 for canonical ``labels`` (n, H, W): each from a bank slice of
         its image's group (``groups`` (n,) indices), see :func:`~medsynth.synthesis.partition.attach_partition`."""
         bank, bank_group = self.arrays["partition_bank"], self.arrays["partition_group"]
-        index = np.empty(len(labels), dtype=np.int64)
-        for i, g in enumerate(groups):
-            pool = np.flatnonzero(bank_group == g)
-            pool = pool if pool.size else np.arange(len(bank))
-            index[i] = pool[rng.integers(0, pool.size)]
         out = np.zeros(labels.shape, dtype=np.uint8)
         for g in np.unique(groups):
             rows = np.flatnonzero(groups == g)
-            out[rows] = attach_partition(labels[rows], bank, rng, index=index[rows], exclude=self._bright_classes(g))
+            # a bank slice whose heart matches this heart (one of the best few), from the same group
+            index = match_bank(
+                labels[rows], bank, rng, top=self.config.partition_match, candidates=np.flatnonzero(bank_group == g)
+            )
+            out[rows] = attach_partition(labels[rows], bank, rng, index=index, exclude=self._bright_classes(g))
         return out
 
     def _bright_classes(self, g: int) -> tuple[int, ...]:
