@@ -18,6 +18,10 @@ ordered the same way in every slice, so class ``k`` means roughly the same tissu
 can fit one intensity model per class. :func:`extend_labels` turns a canonical map plus a partition into one
 *extended* label map, with heart codes unchanged and surroundings class ``k`` at code
 ``N_CLASSES + k - 1`` (:func:`surroundings_code`).
+
+Use from any family (the GMM does this; image-generating networks can condition on the extended map):
+:func:`partition_slices` on the training slices at fit, keep a bank (:func:`bank_indices`), and for new label
+maps :func:`match_bank` (a bank slice whose heart matches) then :func:`attach_partition`.
 """
 
 from __future__ import annotations

@@ -18,11 +18,20 @@ Tissue statistics come from pixels at least ``interior_erosion`` px inside their
 pixels at tissue borders do not bias the means (the renderer's blur re-creates partial volume); on the
 phantom this recovers the ground-truth scar / remote-myocardium ratio within ~6 % instead of ~25 % low.
 
-Background (everything outside the heart labels) — the documented choice: a random field with a two-scale
-spatial correlation (organ-sized patches plus fine texture, both fitted on the real surroundings) mapped
-through the fitted background mixture, so its histogram and texture scale match real surroundings without
-needing a source image (label maps alone suffice, e.g. from shape models). Where a real image exists, scar
-insertion (:mod:`medsynth.synthesis.scar`) keeps the real surroundings untouched instead.
+Background (everything outside the heart labels), ``surroundings``:
+
+- ``"partition"``: every training slice gets a surroundings partition (:mod:`medsynth.synthesis.partition`:
+  outside the body, then body classes by brightness — lung, muscle / liver, fat, bright vessels — found by
+  clustering intensity and position); each class is fitted like a tissue (population of per-subject
+  location/scale, standardised mixture, two-scale texture), and a bank of training partitions (uint8) is
+  kept in the model state. A label map to render gets a bank partition whose heart matches its heart,
+  moved by a small random affine and made consistent with its heart labels, so images get a body outline
+  and organ-sized regions from label maps alone (deformed real maps or shape-model maps).
+- ``"field"``: one random field with a two-scale spatial correlation (organ-sized patches plus fine texture,
+  fitted on the real surroundings) mapped through the fitted background mixture.
+
+Where a real image exists, ``context`` (and scar insertion, :mod:`medsynth.synthesis.scar`) keeps the real
+surroundings instead.
 """
 
 from __future__ import annotations
