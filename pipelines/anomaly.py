@@ -10,7 +10,7 @@ from medsynth.utils.hashing import sha256_json
 from pipelines import tasks as t
 
 
-@flow(name="medsynth-anomaly")
+@flow(name="medsynth-anomaly", result_serializer="json")
 def anomaly_flow(config: dict[str, Any], work: str, out: str, data_root: str | None = None) -> dict[str, Any]:
     """Fit every configured family that can ``score`` on the healthy training subjects, score the test split."""
     logger = get_run_logger()

@@ -10,7 +10,7 @@ from medsynth.utils.hashing import sha256_json
 from pipelines import tasks as t
 
 
-@flow(name="medsynth-augment", log_prints=False)
+@flow(name="medsynth-augment", log_prints=False, result_serializer="json")
 def augment_flow(config: dict[str, Any], work: str, out: str, data_root: str | None = None) -> dict[str, Any]:
     """Run the augmentation pipeline for a resolved config (``RunConfig.model_dump()``).
 

@@ -43,8 +43,29 @@ def _strip_volatile(obj: Any) -> Any:
     return obj
 
 
+def _input_fingerprint(task_name: str, parameters: dict[str, Any]) -> str | None:
+    """Content of the input files a task reads that its parameters do not show (only the data-preparing task
+    reads user files: later tasks get records carrying artefact hashes). Without it a data file changed
+    between runs would let the cached, stale result through."""
+    if task_name != "prepare-manifest":
+        return None
+    from medsynth.errors import MedsynthError
+    from medsynth.workflows.stages import prepare_fingerprint
+
+    try:
+        return prepare_fingerprint(parameters["work"], parameters["data"], parameters["seed"], parameters["data_root"])
+    except MedsynthError as err:  # bad input: the task itself reports it; a unique key means no stale reuse
+        return f"unavailable: {err}"
+
+
 def cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Task name + inputs (records reduced to their content keys) + medsynth version."""
+    """Task name + inputs (records reduced to their content keys, input files by content) + medsynth version."""
     from medsynth import __version__
 
-    return f"{context.task.name}-" + sha256_json({"params": _strip_volatile(parameters), "version": __version__})[:24]
+    name = context.task.name
+    key = {
+        "params": _strip_volatile(parameters),
+        "files": _input_fingerprint(name, parameters),
+        "version": __version__,
+    }
+    return f"{name}-" + sha256_json(key)[:24]

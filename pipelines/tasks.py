@@ -1,7 +1,8 @@
 """Prefect tasks: one per stage in :mod:`medsynth.workflows.stages`. They pass paths and small records.
 
-Results are cached on their inputs (records carry artefact hashes, configs are plain dicts) and
-persisted, so a rerun reuses finished tasks. Should a cached record point at artefacts deleted since,
+Results are cached on their inputs (records carry artefact hashes, configs are plain dicts; the data step's
+key also covers its input files' content) and persisted as JSON (never pickle), so a rerun reuses finished
+tasks. Should a cached record point at artefacts deleted since,
 :func:`resolve` runs the task again with ``refresh_cache``.
 """
 
@@ -19,10 +20,13 @@ from pipelines.runtime import cache_key
 
 # No retries: every stage is deterministic given its inputs, so a failure would only repeat. Transient
 # trouble (a worker lost on a cluster) is handled by Dask resubmitting the task.
-_CACHED = {"cache_key_fn": cache_key, "persist_result": True}
+# Results are small JSON records, persisted as JSON: a rerun reads them back without unpickling anything
+# (Prefect's default serializer is cloudpickle, which would run code from $PREFECT_HOME/storage).
+_JSON = {"result_serializer": "json"}
+_CACHED = {"cache_key_fn": cache_key, "persist_result": True, **_JSON}
 
 prepare_manifest = task(stages.prepare_manifest, name="prepare-manifest", **_CACHED)
-list_subjects = task(stages.list_subjects, name="list-subjects")
+list_subjects = task(stages.list_subjects, name="list-subjects", **_JSON)
 preprocess_subject = task(stages.preprocess_subject, name="preprocess-subject", **_CACHED)
 merge_slices = task(stages.merge_slices, name="merge-slices", **_CACHED)
 fit_model = task(stages.fit_model, name="fit-model", **_CACHED)
@@ -34,9 +38,9 @@ segmentation_arm = task(ev.segmentation_arm, name="segmentation-arm", **_CACHED)
 score_anomaly = task(ev.score_anomaly, name="score-anomaly", **_CACHED)
 anomaly_baselines = task(ev.anomaly_baselines, name="anomaly-baselines", **_CACHED)
 score_translation = task(ev.score_translation, name="score-translation", **_CACHED)
-write_augment_outputs = task(ev.write_augment_outputs, name="write-outputs")
-write_anomaly_outputs = task(ev.write_anomaly_outputs, name="write-anomaly-outputs")
-write_translate_outputs = task(ev.write_translate_outputs, name="write-translate-outputs")
+write_augment_outputs = task(ev.write_augment_outputs, name="write-outputs", **_JSON)
+write_anomaly_outputs = task(ev.write_anomaly_outputs, name="write-anomaly-outputs", **_JSON)
+write_translate_outputs = task(ev.write_translate_outputs, name="write-translate-outputs", **_JSON)
 
 
 def _resolve(future: PrefectFuture, task_obj: Any, kwargs: dict[str, Any]) -> Any:

@@ -12,7 +12,7 @@ from medsynth.utils.hashing import sha256_json
 from pipelines import tasks as t
 
 
-@flow(name="medsynth-translate")
+@flow(name="medsynth-translate", result_serializer="json")
 def translate_flow(config: dict[str, Any], work: str, out: str, data_root: str | None = None) -> dict[str, Any]:
     """Fit every configured family (each must declare ``translate``), translate and score, write the run."""
     logger = get_run_logger()

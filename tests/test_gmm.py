@@ -249,8 +249,8 @@ def test_context_keeps_real_surroundings(fitted: GMMModel, tiny: SliceSet) -> No
     labels, context = tiny.labels[:4], tiny.images[:4]
     assert fitted.supports("context")
     plain = fitted.sample(4, labels, seed=3).images
-    kept = fitted.sample(4, labels, seed=3, context=context).images
-    again = fitted.sample(4, labels, seed=3, context=context).images
+    kept = fitted.sample_in_context(labels, context, seed=3).images
+    again = fitted.sample_in_context(labels, context, seed=3).images
     assert np.array_equal(kept, again)
     far = ~ndimage.binary_dilation(labels > 0, iterations=4, axes=(1, 2))
     assert np.allclose(kept[:, 0][far], context[:, 0][far], atol=1e-5)
@@ -258,7 +258,7 @@ def test_context_keeps_real_surroundings(fitted: GMMModel, tiny: SliceSet) -> No
     assert inner.any() and np.allclose(kept[:, 0][inner], plain[:, 0][inner], atol=1e-4)
     assert not np.allclose(kept[:, 0][far], plain[:, 0][far])
     with pytest.raises(ValueError, match="context"):
-        fitted.sample(4, labels, seed=3, context=context[:2])
+        fitted.sample_in_context(labels, context[:2], seed=3)
 
 
 def test_batched_blur_matches_scipy_per_image() -> None:

@@ -281,3 +281,84 @@ def test_mnms_manifest_loads_back(tmp_path):
     assert main(["manifest", "--layout", "mnms", "--root", str(root), "--out", str(out)]) == 0
     df, _ = load_manifest(out)
     assert len(df) == 6
+
+
+# ---- symlinked patient folders, Sunnybrook (DICOM + contour files) ---------------------------------------
+
+
+def test_acdc_finds_symlinked_patient_folders(tmp_path):
+    real = make_acdc(tmp_path / "elsewhere", n=2)
+    root = tmp_path / "acdc"
+    root.mkdir()
+    for p in sorted(real.iterdir()):
+        (root / p.name).symlink_to(p, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a cycle must not hang the scan
+    df = build_manifest("acdc", root)
+    assert sorted(df["subject_id"].unique()) == sorted(p.name for p in real.iterdir())
+    assert len(df) == 4
+
+
+def make_sunnybrook(root: Path) -> tuple[Path, np.ndarray]:
+    """Two patients; each has a 4-slice DICOM series (IM-0001-0001..4) and contours on slices 2 and 3."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dicom_series import write_contour, write_series
+
+    vol = (50 + 10 * np.random.default_rng(0).random((4, 40, 48))).astype(np.int16)
+    for patient in ("SC-HF-I-01", "SC-N-02"):
+        write_series(root / patient / "DICOM", vol, spacing=(1.4, 1.4, 8.0))
+        contours = root / patient / "contours-manual" / "IRCCI-expert"
+        contours.mkdir(parents=True)
+        for k in (2, 3):
+            write_contour(contours / f"IM-0001-{k:04d}-icontour-manual.txt", (24.0, 20.0), 6.0)
+            if k == 2:  # Sunnybrook has o-contours on some frames only
+                write_contour(contours / f"IM-0001-{k:04d}-ocontour-manual.txt", (24.0, 20.0), 10.0)
+    return root, vol
+
+
+def test_sunnybrook_layout_rasterises_contours(tmp_path):
+    from medsynth.labels import MYO
+
+    root, vol = make_sunnybrook(tmp_path / "sunnybrook")
+    df = build_manifest("sunnybrook", root)
+    assert len(df) == 4 and sorted(df["subject_id"].unique()) == ["SC-HF-I-01", "SC-N-02"]
+    assert set(df["label_map"]) == {"canonical"} and set(df["dataset"]) == {"sunnybrook"}
+    row = df[(df["subject_id"] == "SC-HF-I-01") & (df["slice_index"] == "2")].iloc[0]
+    image, label = read_pair(root / row["image"], root / row["label"], "canonical")
+    assert image.shape == label.shape == (48, 40, 1)
+    lab = label.array[..., 0]
+    n_lv, n_myo = int((lab == LV).sum()), int((lab == MYO).sum())
+    # polygon areas: pi r^2 for r = 6 (LV) and the ring up to r = 10 (myocardium), within the rasterisation
+    assert abs(n_lv - np.pi * 36) < 0.25 * np.pi * 36, n_lv
+    assert abs(n_myo - np.pi * (100 - 36)) < 0.25 * np.pi * 64, n_myo
+    # the blood pool is centred where the contour says (x = column 24, y = row 20) on the image's grid
+    xs, ys = np.nonzero(lab == LV)
+    img = image.array[..., 0]
+    assert img.shape == lab.shape
+    centre = (xs.mean(), ys.mean())
+    flipped = (47 - 24, 39 - 20)  # LPS -> RAS flips both in-plane axes
+    assert min(np.hypot(centre[0] - c[0], centre[1] - c[1]) for c in [(24, 20), flipped]) < 1.0, centre
+    only_lv = df[(df["subject_id"] == "SC-HF-I-01") & (df["slice_index"] == "3")].iloc[0]
+    _, lab3 = read_pair(root / only_lv["image"], root / only_lv["label"], "canonical")
+    assert set(np.unique(lab3.array)) == {0, LV}  # no o-contour: blood pool only
+
+
+def test_sunnybrook_contour_without_image_is_named(tmp_path):
+    root, _ = make_sunnybrook(tmp_path / "sb")
+    stray = root / "SC-N-02" / "contours-manual" / "IRCCI-expert" / "IM-0001-0009-icontour-manual.txt"
+    stray.write_text("1 1\n5 1\n5 5\n")
+    with pytest.raises(ManifestError, match="IM-0001-0009"):
+        build_manifest("sunnybrook", root)
+    assert len(build_manifest("sunnybrook", root, lenient=True)) == 4
+
+
+def test_sunnybrook_manifest_through_cli_and_inspect(tmp_path, capsys):
+    root, _ = make_sunnybrook(tmp_path / "sb")
+    out = tmp_path / "sb.csv"
+    assert main(["manifest", "--layout", "sunnybrook", "--root", str(root), "--out", str(out)]) == 0
+    df, data_root = load_manifest(out)
+    assert len(df) == 4 and data_root == root.resolve()
+    assert main(["inspect", str(out), "--out", str(tmp_path / "insp")]) == 0
+    summary = pd.read_csv(tmp_path / "insp" / "summary.csv")
+    assert (summary["lv"] > 0).all()

@@ -15,8 +15,8 @@ from medsynth.data.manifest import OPTIONAL_COLUMNS, load_manifest
 from medsynth.data.preprocess import PreprocessConfig, load_slices
 from medsynth.errors import ConfigError
 from medsynth.labels import MVO, MYO, SCAR
-from medsynth.models.api import fit_family, sample_dataset, scar_dataset
 from medsynth.models.registry import load_model
+from medsynth.workflows.commands import fit_family, sample_dataset, scar_dataset
 
 PRE = {"size": 64}
 

@@ -20,7 +20,9 @@ SMALL = {"shape": (96, 96, 8), "spacing": (1.75, 1.75, 9.0)}
 
 
 def _hash_tree(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    # the .medsynth marker (fixed content, in every medsynth output folder) is not phantom data
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".medsynth"]
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
 
 
 def _load(root: Path, rel: str) -> np.ndarray:

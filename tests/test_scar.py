@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from lge_toys import make_slices, ring_labels
 
-from medsynth.evaluation.scar import METHODS, evaluate_scar, patient_split, scar_metrics  # noqa: E402
+from medsynth.evaluation.scar import BASELINES, evaluate_scar, patient_split, scar_metrics  # noqa: E402
 from medsynth.labels import LV, MVO, MYO, SCAR  # noqa: E402
 from medsynth.synthesis.scar import ScarModel, ScarParams, insert_scar, remove_scar, wall_coordinates  # noqa: E402
 
@@ -96,7 +96,7 @@ def test_scar_evaluation_all_methods() -> None:
     model = GMMModel({"n_components": 2})
     model.fit(train, seed=0)
     table = evaluate_scar(test, model)
-    assert list(table["method"]) == list(METHODS)
+    assert list(table["method"]) == [*BASELINES, "gmm"]
     assert table["n_cases"].eq(4).all() and table["n_scar_cases"].eq(2).all()
     gmm = table.set_index("method").loc["gmm"]
     assert gmm["slice_auroc"] == 1.0 and gmm["dice_mean"] > 0.7
@@ -140,14 +140,14 @@ def test_insert_into_phantom_lge(tmp_path: Path) -> None:
 def test_emidec_scar_evaluation(emidec_png_root: Path, tmp_path: Path) -> None:
     from medsynth.data.layouts import build_manifest
     from medsynth.data.manifest import write_manifest
-    from medsynth.evaluation.scar import run_scar_evaluation
+    from medsynth.workflows.commands import run_scar_evaluation
 
     df = build_manifest("png-slices", emidec_png_root)
     keep = sorted(set(df["subject_id"]))[::2]  # 25 of 50 cases keep the test short
     path = write_manifest(df[df["subject_id"].isin(keep)], tmp_path / "m.csv", data_root=emidec_png_root)
     out = run_scar_evaluation(path, tmp_path / "eval", seed=0, preprocess={"spacing_mm": None, "size": 128})
     table = pd.read_csv(out)
-    assert list(table["method"]) == list(METHODS)
+    assert list(table["method"]) == [*BASELINES, "gmm"]
     assert table["slice_auroc"].notna().all() and table["case_auroc"].notna().all()
     gmm = table.set_index("method").loc["gmm"]
     assert gmm["slice_auroc"] > 0.6 and gmm["dice_mean"] > 0.2

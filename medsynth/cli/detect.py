@@ -9,19 +9,9 @@ log = logging.getLogger(__name__)
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from medsynth.evaluation.anomaly import detect
-    from medsynth.models.api import load_manifest_slices, read_fit_report
-    from medsynth.models.base import CapabilityError
-    from medsynth.models.registry import load_model
+    from medsynth.workflows.commands import detect_manifest
 
-    model = load_model(args.model)
-    if not model.supports("score"):
-        raise CapabilityError(f"{args.model}: family {model.family!r} cannot score (it declares no 'score')")
-    # Score with the preprocessing the model was fitted with (fit_report.json of `medsynth fit`; default else).
-    preprocess = read_fit_report(args.model).get("preprocess")
-    slices = load_manifest_slices(args.manifest, args.data_root, preprocess)
-    written = detect(model, slices, args.out, agg=args.agg, baselines=not args.no_baselines)
-    log.info("scored %d slices with %s: wrote %s", len(slices), model.family, ", ".join(map(str, written.values())))
+    detect_manifest(args.model, args.manifest, args.out, args.data_root, agg=args.agg, baselines=not args.no_baselines)
     return 0
 
 

@@ -1,13 +1,11 @@
-"""``medsynth evaluate fidelity`` and ``medsynth evaluate segmentation``: thin wrappers over
-:mod:`medsynth.evaluation`."""
+"""``medsynth evaluate fidelity`` and ``medsynth evaluate segmentation``: thin wrappers over the operations
+the flows run (:func:`medsynth.workflows.ops.fidelity_table`) and :mod:`medsynth.evaluation`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
-
-import numpy as np
 
 from medsynth.errors import ConfigError, ManifestError
 
@@ -85,10 +83,10 @@ def ensure_split(slices, test_fraction: float, seed: int):
 def run_fidelity(args: argparse.Namespace) -> int:
     from medsynth.config import load_config
     from medsynth.evaluation.features import get_extractor, train_domain_encoder
-    from medsynth.evaluation.fidelity import FidelityConfig, compute_fidelity
-    from medsynth.evaluation.memorisation import check_memorisation
+    from medsynth.evaluation.fidelity import FidelityConfig
     from medsynth.evaluation.report import write_csv, write_fidelity_report
     from medsynth.utils.atomic import atomic_dir
+    from medsynth.workflows import ops
 
     cfg = load_config(FidelityConfig, args.config) if args.config else FidelityConfig()
     real = _load(args.real, args.data_root, args.size)
@@ -107,23 +105,14 @@ def run_fidelity(args: argparse.Namespace) -> int:
                 extractor = get_extractor(args.extractor, seed=cfg.seed)
             except ValueError as err:
                 raise ConfigError(f"--extractor: {err}") from None
-        table = compute_fidelity(real, syn, extractor, cfg)
+        both = {"train", "test"} <= splits
+        table, mem = ops.fidelity_table(
+            real, syn, extractor, cfg, real.split("train") if both else None, real.split("test") if both else None
+        )
         mem_summary = None
-        if {"train", "test"} <= splits:
-            mem = check_memorisation(syn, real.split("train"), real.split("test"))
+        if mem is not None:
             write_csv(mem.per_sample, Path(tmp) / "memorisation.csv")
             mem_summary = mem.summary
-            row = {
-                "metric": "memorised_fraction",
-                "value": mem.summary["fraction_flagged"],
-                "ci_low": np.nan,
-                "ci_high": np.nan,
-                "extractor": f"memorisation:{mem.summary['space']}",
-                "extractor_hash": mem.summary["method"],
-                "n_real": len(real.split("train")),
-                "n_synthetic": len(syn),
-            }
-            table.loc[len(table)] = row
         write_fidelity_report(tmp, table, real.images, syn.images, mem_summary)
     log.info("fidelity written to %s", args.out)
     return 0

@@ -76,7 +76,8 @@ def register(commands, evaluate) -> None:  # noqa: ARG001 - evaluate is part of 
     p.add_argument("--modality", default=None, choices=MODALITIES, help="override the layout's modality")
     p.add_argument("--dataset", default=None, help="override the dataset name")
     p.add_argument("--no-verify", action="store_true", help="read headers only (faster; skips voxel checks)")
-    p.set_defaults(func=run_manifest)
+    # a single-file output: an existing file is replaced only when medsynth wrote it, and with --overwrite
+    p.set_defaults(func=run_manifest, out_kind="file")
 
     s = commands.add_parser(
         "split",
@@ -89,4 +90,4 @@ def register(commands, evaluate) -> None:  # noqa: ARG001 - evaluate is part of 
     s.add_argument("--fractions", default="0.7,0.1,0.2", help="train,val,test fractions (default 0.7,0.1,0.2)")
     s.add_argument("--stratify", default="pathology", help="column to stratify by ('' for none)")
     s.add_argument("--data-root", dest="data_root", default=None, help="data root of the input manifest")
-    s.set_defaults(func=run_split)
+    s.set_defaults(func=run_split, out_kind="file")

@@ -1,5 +1,6 @@
 """``medsynth fit`` / ``sample`` / ``scar`` / ``translate`` and ``medsynth evaluate scar`` / ``translation``:
-thin wrappers over :mod:`medsynth.models.api` and :mod:`medsynth.evaluation`, generic over the family registry."""
+thin wrappers over :mod:`medsynth.workflows.commands` (the operations the flows run), generic over the family
+registry."""
 
 from __future__ import annotations
 
@@ -11,14 +12,10 @@ log = logging.getLogger(__name__)
 
 def run_fit(args: argparse.Namespace) -> int:
     from medsynth.config import read_yaml, validate
-    from medsynth.errors import ConfigError
-    from medsynth.models.api import fit_family
     from medsynth.models.registry import get_family
+    from medsynth.workflows.commands import fit_family
 
-    try:
-        family_cls = get_family(args.family)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    family_cls = get_family(args.family)
     raw = read_yaml(args.config) if args.config else {}
     source = args.config or f"{args.family} config"
     preprocess = None
@@ -40,7 +37,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from medsynth.models.api import sample_dataset
+    from medsynth.workflows.commands import sample_dataset
 
     out = sample_dataset(args.model, args.out, args.n, args.seed, labels_manifest=args.labels, data_root=args.data_root)
     print(out)
@@ -48,14 +45,14 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_scar(args: argparse.Namespace) -> int:
-    from medsynth.models.api import scar_dataset
+    from medsynth.workflows.commands import scar_dataset
 
     print(scar_dataset(args.model, args.manifest, args.out, seed=args.seed, data_root=args.data_root))
     return 0
 
 
 def run_translate(args: argparse.Namespace) -> int:
-    from medsynth.models.api import translate_dataset
+    from medsynth.workflows.commands import translate_dataset
 
     out = translate_dataset(
         args.model,
@@ -72,7 +69,8 @@ def run_translate(args: argparse.Namespace) -> int:
 
 def run_evaluate_translation(args: argparse.Namespace) -> int:
     from medsynth.config import load_config
-    from medsynth.evaluation.translation import TranslationEvalConfig, run_translation_evaluation
+    from medsynth.evaluation.translation import TranslationEvalConfig
+    from medsynth.workflows.commands import run_translation_evaluation
 
     cfg = load_config(TranslationEvalConfig, args.config) if args.config else TranslationEvalConfig()
     print(run_translation_evaluation(args.model, args.manifest, args.out, args.data_root, cfg, seed=args.seed))
@@ -80,7 +78,7 @@ def run_evaluate_translation(args: argparse.Namespace) -> int:
 
 
 def run_evaluate_scar(args: argparse.Namespace) -> int:
-    from medsynth.evaluation.scar import run_scar_evaluation
+    from medsynth.workflows.commands import run_scar_evaluation
 
     out = run_scar_evaluation(
         args.manifest,
@@ -128,7 +126,7 @@ def register(commands, evaluate) -> None:
         help="insert synthetic scar into LGE slices and make scar-free counterparts",
         description="Write scar / scar-free pairs of the manifest's LGE slices using the model's scar model.",
     )
-    c.add_argument("--model", required=True, help="fitted gmm model directory (with a scar model)")
+    c.add_argument("--model", required=True, help="fitted model directory that can insert scar (e.g. gmm)")
     c.add_argument("--manifest", required=True, help="manifest of LGE image-label pairs")
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -151,12 +149,14 @@ def register(commands, evaluate) -> None:
 
     e = evaluate.add_parser(
         "scar",
-        help="scar quantification and detection: n-SD, FWHM and the GMM posterior",
+        help="scar quantification and detection: n-SD, FWHM and a scoring model's scar maps",
         description="Write scar_metrics.csv: pixel Dice in the given myocardium, slice and case AUROC per method.",
     )
     e.add_argument("--manifest", required=True, help="manifest of LGE slices with scar labels")
     e.add_argument("--out", required=True, help="output directory")
-    e.add_argument("--model", default=None, help="fitted gmm model (default: fit on the manifest's train split)")
+    e.add_argument(
+        "--model", default=None, help="fitted model that can score scar (default: fit one on the train split)"
+    )
     e.add_argument("--seed", type=int, default=0, help="seed of the patient split and the fit (default 0)")
     e.add_argument("--test-fraction", dest="test_fraction", type=float, default=0.5, help="held-out patients")
     e.add_argument("--data-root", dest="data_root", default=None, help="data root of the manifest")

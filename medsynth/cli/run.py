@@ -11,7 +11,7 @@ def register(commands: argparse._SubParsersAction, evaluate: argparse._SubParser
     p.add_argument("config", help="YAML run config, e.g. configs/quickstart.yaml")
     p.add_argument("--data-root", default=None, help="folder holding the real data (overrides the config's env var)")
     p.add_argument("--out", default=None, help="output folder (default: the config's output.dir)")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, out_kind="run")  # writes OUT/<run_name>/ and the cache OUT/.medsynth-work/
 
 
 def _run(args: argparse.Namespace) -> int:

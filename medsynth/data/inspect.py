@@ -84,7 +84,9 @@ def inspect_manifest(
 ) -> InspectResult:
     """Read every row (strict: raise on the first bad one; lenient: skip with a warning), measure its labels
     and pick montage panels."""
-    from medsynth.data.readers import read_pair
+    from medsynth.data.readers import read_pair, read_volume
+    from medsynth.data.validate import check_finite
+    from medsynth.data.volume import Volume
 
     cfg = cfg or PreprocessConfig()
     root = Path(root)
@@ -97,12 +99,19 @@ def inspect_manifest(
                 raise ManifestError(
                     f"{manifest}: row {i + 1}: unknown label_map {row['label_map']!r}; known: {sorted(LABEL_MAPS)}"
                 )
-            image, label = read_pair(
-                resolve_path(root, row["image"], manifest),
-                resolve_path(root, row["label"], manifest),
-                row["label_map"],
-                frame=_frame(row),
-            )
+            if row["label"]:
+                image, label = read_pair(
+                    resolve_path(root, row["image"], manifest),
+                    resolve_path(root, row["label"], manifest),
+                    row["label_map"],
+                    frame=_frame(row),
+                )
+            else:
+                # an image-only row (samples of an unconditional family): no labels to measure, all background
+                img_path = resolve_path(root, row["image"], manifest)
+                image = read_volume(img_path, frame=_frame(row))
+                check_finite(image, img_path)
+                label = Volume(np.zeros(image.array.shape, np.uint8), image.affine, image.spacing, img_path)
             vols, unit = label_volumes(label.array, label.spacing)
             panel = None
             if i in chosen:

@@ -14,6 +14,9 @@ row per image–label pair. Built-in layouts (:data:`LAYOUTS`):
 - ``png-slices``: ``images/`` + ``masks/`` with matching file names. ``<subject>_sliceKKK.png`` groups slices
   into a subject with ``slice_index`` KKK; EMIDEC names ``Case_<N|P>NNN`` set pathology normal / infarct and
   the dataset ``emidec``. Label map ``emidec`` and modality ``lge`` unless overridden.
+- ``sunnybrook``: Sunnybrook Cardiac Data, per patient folder DICOM slices ``IM-0001-NNNN.dcm`` and contour
+  files ``IM-0001-NNNN-icontour-manual.txt`` / ``-ocontour-manual.txt`` (``x y`` pixel points per line); one
+  row per contoured slice, the contours rasterised at load to LV blood pool and myocardium (``canonical``).
 - ``nnunet``: ``dataset.json`` + ``imagesTr/{case}_0000{ending}`` + ``labelsTr/{case}{ending}``. The labels in
   ``dataset.json`` must be medsynth's canonical names and codes (label map ``canonical``); anything else is
   refused because the codes could not be harmonised safely. A case name ending in ``_ED`` / ``_ES`` sets phase.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -97,8 +101,25 @@ class LayoutEntryError(MedsynthError):
 # ---------------------------------------------------------------------------------------------- layouts
 
 
+def find_files(root: Path, name: str) -> list[Path]:
+    """Files called ``name`` under ``root``, following symlinked folders (a patient folder may be a link into
+    another disk) but visiting each real folder once (no loops)."""
+    seen: set[str] = set()
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        if name in filenames:
+            found.append(Path(dirpath) / name)
+    return sorted(found)
+
+
 def _acdc(root: Path, options: dict) -> Iterator[Candidate | LayoutEntryError]:
-    cfgs = sorted(root.rglob("Info.cfg"))
+    cfgs = find_files(root, "Info.cfg")
     if not cfgs:
         raise ManifestError(f"{root}: no ACDC patient folders (patientNNN/Info.cfg) found")
     for cfg in cfgs:
@@ -288,6 +309,42 @@ def _nnunet(root: Path, options: dict) -> Iterator[Candidate | LayoutEntryError]
         )
 
 
+SUNNYBROOK_CONTOUR = re.compile(r"^(?P<stem>IM-\d{4}-(?P<index>\d{4}))-icontour-manual\.txt$", re.IGNORECASE)
+
+
+def _sunnybrook(root: Path, options: dict) -> Iterator[Candidate | LayoutEntryError]:
+    """Sunnybrook Cardiac Data: per patient folder, cine short-axis DICOM slices ``IM-0001-NNNN.dcm`` and the
+    expert contours ``IM-0001-NNNN-icontour-manual.txt`` (+ ``-ocontour-manual.txt``), one ``x y`` pixel
+    point per line, anywhere under it. Each contoured slice is one row: the DICOM slice as image, its
+    i-contour file as label (rasterised at load: LV blood pool, and myocardium up to the o-contour)."""
+    from medsynth.data.readers import contour_image
+
+    contours = sorted(
+        p for p in root.rglob("*-icontour-manual.txt") if SUNNYBROOK_CONTOUR.match(p.name)
+    )
+    if not contours:
+        raise ManifestError(f"{root}: no Sunnybrook contour files (IM-0001-NNNN-icontour-manual.txt) found")
+    for contour in contours:
+        rel = contour.relative_to(root)
+        subject = rel.parts[0] if len(rel.parts) > 1 else root.name
+        m = SUNNYBROOK_CONTOUR.match(contour.name)
+        try:
+            image = contour_image(contour)
+        except InputFileError as err:
+            yield LayoutEntryError(str(err))
+            continue
+        yield Candidate(
+            subject_id=subject,
+            image=image,
+            label=contour,
+            dataset=options.get("dataset") or "sunnybrook",
+            modality=options.get("modality") or "cine",
+            pathology="unknown",
+            label_map=options.get("label_map") or "canonical",
+            extra={"slice_index": str(int(m.group("index")))},
+        )
+
+
 #: Layout name → generator of candidates (or per-entry problems).
 LAYOUTS: dict[str, Callable[[Path, dict], Iterator[Candidate | LayoutEntryError]]] = {
     "acdc": _acdc,
@@ -295,6 +352,7 @@ LAYOUTS: dict[str, Callable[[Path, dict], Iterator[Candidate | LayoutEntryError]
     "emidec": _emidec,
     "png-slices": _png_slices,
     "nnunet": _nnunet,
+    "sunnybrook": _sunnybrook,
 }
 
 
@@ -302,7 +360,8 @@ LAYOUTS: dict[str, Callable[[Path, dict], Iterator[Candidate | LayoutEntryError]
 
 
 def _rel(path: Path, root: Path) -> str:
-    return path.resolve().relative_to(root.resolve()).as_posix()
+    # lexically, not through symlinks: a patient folder may be a link to another disk
+    return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
 
 
 def _row(c: Candidate, root: Path, verify: bool) -> dict[str, str]:

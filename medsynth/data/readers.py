@@ -23,7 +23,9 @@ message starting with the path; label problems raise :class:`LabelError`; image/
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PNG_SUFFIXES = (".png",)
 SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
+#: Sunnybrook Cardiac Data inner (endocardial) contour; the outer one is ``-ocontour-manual.txt``.
+CONTOUR_SUFFIX = "-icontour-manual.txt"
 #: Relative disagreement between affine column lengths and pixdim above which the affine is rescaled.
 _SCALE_RTOL = 1e-3
 
@@ -54,6 +58,8 @@ def _kind(path: Path) -> str:
     name = path.name.lower()
     if path.is_dir():
         return "dicom-dir"
+    if name.endswith(CONTOUR_SUFFIX):
+        return "contour"
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
     if name.endswith(PNG_SUFFIXES):
@@ -89,6 +95,22 @@ def _fixed_affine(img: nib.Nifti1Image | nib.Nifti2Image) -> np.ndarray:
     return affine
 
 
+def _check_geometry(affine: np.ndarray, path: Path, zooms: Any = None) -> None:
+    """Refuse a degenerate voxel grid (a zero pixdim or sform/qform column, NaN in the affine): every
+    resampling and volume would be wrong, and nibabel's orientation code fails with a traceback."""
+    lengths = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
+    if not np.all(np.isfinite(affine)):
+        raise InputFileError(f"{path}: the affine (sform/qform) holds NaN or Inf")
+    if np.any(lengths <= 1e-9):
+        axis = int(np.argmin(lengths))
+        extra = f"; pixdim {tuple(float(z) for z in zooms)}" if zooms is not None else ""
+        raise InputFileError(
+            f"{path}: voxel axis {axis} has zero length in the affine (zero pixdim or sform/qform column{extra})"
+        )
+    if abs(np.linalg.det(np.asarray(affine, float)[:3, :3])) <= 1e-12:
+        raise InputFileError(f"{path}: the affine's voxel axes are linearly dependent (degenerate sform/qform)")
+
+
 def _select_frame(arr: np.ndarray, path: Path, frame: int | None) -> np.ndarray:
     """Reduce a NIfTI data array to 3-D (X, Y, Z), picking ``frame`` on a 4th (time) axis."""
     while arr.ndim > 3 and arr.shape[-1] == 1 and not (arr.ndim == 4 and frame is not None):
@@ -120,6 +142,7 @@ def _read_nifti(path: Path, frame: int | None, as_label: bool) -> Volume:
         raise
     except Exception as err:  # nibabel / gzip / zlib / numpy raise many types for corrupt or truncated files
         raise InputFileError(f"{path}: cannot read NIfTI ({_one_line(err)})") from None
+    _check_geometry(affine, path, img.header.get_zooms()[:3])
     data = _select_frame(data, path, None if sliced else frame)
     if not as_label:
         data = data.astype(np.float32, copy=False)
@@ -175,6 +198,7 @@ def _sitk_to_volume(image, path: Path, frame: int | None, as_label: bool) -> Vol
     lps[:3, :3] = direction * spacing  # column j = direction of index axis j times its spacing
     lps[:3, 3] = origin
     ras = _LPS_TO_RAS @ lps
+    _check_geometry(ras, path)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if not as_label:
@@ -183,20 +207,69 @@ def _sitk_to_volume(image, path: Path, frame: int | None, as_label: bool) -> Vol
     return _volume(arr, canon_affine, path)
 
 
+#: Largest relative deviation of one slice gap from the median gap before a series counts as uneven.
+SLICE_GAP_RTOL = 0.05
+
+
+def _dicom_series_files(path: Path) -> list[str]:
+    """The files of the one DICOM series in folder ``path``, checked slice by slice.
+
+    Every regular file in the folder must be a readable slice of the series, and the slice positions along
+    the normal must be evenly spaced; else :class:`InputFileError` names the slice. (GDCM silently leaves an
+    unreadable slice out and ITK only warns about a gap, which gave 9 slices at 9 mm instead of 10 at 8 mm.)
+    """
+    import SimpleITK as sitk  # noqa: N813
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise InputFileError(f"{path}: no DICOM series found in the directory")
+    if len(series) > 1:
+        raise InputFileError(f"{path}: {len(series)} DICOM series in one directory; give one series per directory")
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+    listed = {os.path.realpath(f) for f in files}
+    for f in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if os.path.realpath(f) not in listed:
+            raise InputFileError(f"{f}: unreadable or foreign DICOM slice in series folder {path}")
+    positions = []
+    normal = None
+    for f in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(f)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            raise InputFileError(f"{f}: unreadable DICOM slice (series folder {path})") from None
+        if normal is None:
+            d = np.array(reader.GetDirection(), float).reshape(3, 3)
+            normal = d[:, 2]
+        positions.append(float(np.dot(np.array(reader.GetOrigin(), float), normal)))
+    if len(files) > 2:
+        order = np.argsort(positions)
+        pos = np.array(positions)[order]
+        gaps = np.diff(pos)
+        median = float(np.median(gaps))
+        if median <= 1e-6:
+            raise InputFileError(f"{path}: DICOM slices share one position (duplicate slices?)")
+        bad = np.flatnonzero(np.abs(gaps - median) > SLICE_GAP_RTOL * median)
+        if bad.size:
+            k = int(bad[0])
+            after = files[order[k + 1]]
+            raise InputFileError(
+                f"{after}: uneven slice spacing in DICOM series {path}: gap {gaps[k]:.3g} mm before this slice, "
+                f"{median:.3g} mm elsewhere (missing or extra slice?)"
+            )
+    return files
+
+
 def _read_sitk(path: Path, frame: int | None, as_label: bool) -> Volume:
     import SimpleITK as sitk  # noqa: N813
 
+    # ITK prints warnings (non-uniform sampling, …) straight to stderr; the checks above raise instead
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise InputFileError(f"{path}: no DICOM series found in the directory")
-            if len(series) > 1:
-                raise InputFileError(
-                    f"{path}: {len(series)} DICOM series in one directory; give one series per directory"
-                )
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            reader.SetFileNames(_dicom_series_files(path))
             image = reader.Execute()
         else:
             image = sitk.ReadImage(str(path))
@@ -242,6 +315,71 @@ def _read_png(path: Path, frame: int | None, as_label: bool) -> Volume:
     return Volume(array=np.ascontiguousarray(arr), affine=np.eye(4), spacing=None, path=path)
 
 
+# ------------------------------------------------------------------------------- Sunnybrook contours
+
+
+def contour_image(contour: Path) -> Path:
+    """The DICOM slice a Sunnybrook contour file belongs to: ``IM-0001-NNNN.dcm`` for
+    ``IM-0001-NNNN-icontour-manual.txt``, looked up beside the contour, then anywhere under each of its
+    three nearest ancestor folders (Sunnybrook keeps contours in ``<patient>/contours-manual/IRCCI-expert/``)."""
+    stem = contour.name[: -len(CONTOUR_SUFFIX)] if contour.name.lower().endswith(CONTOUR_SUFFIX) else contour.stem
+    stem = stem.replace("-ocontour-manual", "")
+    for folder in (contour.parent, *list(contour.parent.parents)[:3]):
+        same = folder / f"{stem}.dcm"
+        if same.is_file():
+            return same
+        found = sorted(folder.rglob(f"{stem}.dcm"))
+        if found:
+            return found[0]
+    top = list(contour.parent.parents)[:3][-1] if len(contour.parent.parents) else contour.parent
+    raise InputFileError(f"{contour}: no DICOM slice {stem}.dcm for this contour beside it or under {top}")
+
+
+def _read_points(path: Path) -> np.ndarray:
+    try:
+        text = path.read_text(encoding="ascii")
+        pts = np.array([[float(v) for v in ln.split()[:2]] for ln in text.splitlines() if ln.strip()], float)
+    except (OSError, UnicodeDecodeError, ValueError, IndexError) as err:
+        raise InputFileError(f"{path}: not a contour file of 'x y' points ({_one_line(err)})") from None
+    if pts.ndim != 2 or pts.shape[0] < 3 or pts.shape[1] != 2 or not np.all(np.isfinite(pts)):
+        raise InputFileError(f"{path}: a contour needs at least 3 finite 'x y' points")
+    return pts
+
+
+def _fill(points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Polygon interior as a (rows, cols) bool mask; points are (x = column, y = row) in pixels."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("1", (width, height), 0)
+    ImageDraw.Draw(canvas).polygon([(float(x), float(y)) for x, y in points], fill=1, outline=1)
+    return np.array(canvas, dtype=bool)
+
+
+def _read_contours(path: Path) -> Volume:
+    """Rasterise a Sunnybrook slice's contours on its DICOM grid: inside the i-contour → LV blood pool,
+    between it and the o-contour (when present) → LV myocardium (canonical codes)."""
+    import SimpleITK as sitk  # noqa: N813
+
+    from medsynth.labels import LV, MYO
+
+    image_path = contour_image(path)
+    try:
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        image = sitk.ReadImage(str(image_path))
+    except RuntimeError:
+        raise InputFileError(f"{image_path}: unreadable DICOM slice (for contour {path.name})") from None
+    width, height = image.GetSize()[:2]
+    inner = _fill(_read_points(path), width, height)
+    mask = np.zeros((height, width), np.uint8)
+    outer_path = path.with_name(path.name.replace("-icontour-", "-ocontour-"))
+    if outer_path.is_file():
+        mask[_fill(_read_points(outer_path), width, height)] = MYO
+    mask[inner] = LV
+    label = sitk.GetImageFromArray(mask[None] if image.GetDimension() == 3 else mask)
+    label.CopyInformation(image)
+    return _sitk_to_volume(label, path, None, as_label=True)
+
+
 # ------------------------------------------------------------------------------------------ public API
 
 
@@ -257,6 +395,10 @@ def _read(path: str | Path, frame: int | None, as_label: bool) -> Volume:
         return _read_nifti(path, frame, as_label)
     if kind == "png":
         return _read_png(path, frame, as_label)
+    if kind == "contour":
+        if not as_label or frame is not None:
+            raise InputFileError(f"{path}: a contour file is a label of one slice (no frame), not an image")
+        return _read_contours(path)
     return _read_sitk(path, frame, as_label)
 
 
@@ -285,7 +427,8 @@ def read_pair(
 ) -> tuple[Volume, Volume]:
     """Read an image and its label map (same ``frame``) and validate them as a pair.
 
-    Raises :class:`InputFileError` for NaN/Inf image voxels, :class:`GeometryError` (naming both files) when
+    Raises :class:`InputFileError` for NaN/Inf image voxels or an all-zero image, :class:`GeometryError`
+    (naming both files) when
     shapes or affines (tolerance 1e-3 mm) differ, :class:`LabelError` when the label is all background.
     """
     image = read_volume(image_path, frame=frame)
@@ -310,6 +453,7 @@ def read_header(path: str | Path, frame: int | None = None) -> tuple[tuple[int, 
             shape = tuple(int(s) for s in img.shape)
         except Exception as err:
             raise InputFileError(f"{path}: cannot read NIfTI header ({_one_line(err)})") from None
+        _check_geometry(affine, path, img.header.get_zooms()[:3])
         while len(shape) > 3 and shape[-1] == 1 and not (len(shape) == 4 and frame is not None):
             shape = shape[:-1]
         if len(shape) == 2:
@@ -344,5 +488,5 @@ def read_header(path: str | Path, frame: int | None = None) -> tuple[tuple[int, 
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
             raise InputFileError(f"{path}: cannot read PNG ({_one_line(err)})") from None
         return (int(width), int(height), 1), None
-    vol = _read(path, frame, as_label=False)
+    vol = _read(path, frame, as_label=kind == "contour")
     return (vol.shape[0], vol.shape[1], vol.shape[2]), vol.spacing

@@ -30,6 +30,13 @@ def check_finite(image: Volume, name: str | Path | None = None) -> None:
             )
 
 
+def check_not_blank(image: Volume, name: str | Path | None = None) -> None:
+    """Refuse an all-zero image: an export that lost its pixel data, never a scan (normalisation would
+    divide by zero and training would learn nothing)."""
+    if not np.any(image.array):
+        raise InputFileError(f"{name or _name(image, '<image>')}: image is all zero (no pixel data)")
+
+
 def check_same_geometry(image: Volume, label: Volume, atol: float = AFFINE_ATOL) -> None:
     """Image and label must share the voxel grid: same (X, Y, Z) shape and the same affine within ``atol`` mm."""
     img_name, lab_name = _name(image, "<image>"), _name(label, "<label>")
@@ -52,7 +59,8 @@ def check_nonempty_label(label: Volume, name: str | Path | None = None) -> None:
 
 
 def validate_pair(image: Volume, label: Volume, atol: float = AFFINE_ATOL) -> None:
-    """All pair checks: finite image, matching geometry, non-empty (canonical) label."""
+    """All pair checks: finite, not all-zero image, matching geometry, non-empty (canonical) label."""
     check_finite(image)
+    check_not_blank(image)
     check_same_geometry(image, label, atol=atol)
     check_nonempty_label(label)

@@ -15,8 +15,8 @@ Protocol (see :func:`run_protocol`): fit on healthy subjects only, score held-ou
   subject it falls back to that quantile over all wall pixels.
 
 Baselines (:func:`baseline_scores`) come from :mod:`medsynth.evaluation.scar`: n-SD (n = 2, 3, 5), FWHM and,
-given a fitted scar GMM, its posterior thresholded at 0.5 (row ``gmm>0.5``); their pixel maps are binary masks,
-evaluated at threshold 0.5, their slice score is the predicted scar fraction of the wall.
+given a fitted model that can score scar, its pixel maps thresholded (row e.g. ``gmm>0.5``); their pixel maps
+are binary masks, evaluated at threshold 0.5, their slice score is the predicted scar fraction of the wall.
 
 Everything works on :class:`~medsynth.data.slices.SliceSet` s and
 :class:`~medsynth.models.base.AnomalyScores` — no family special cases.
@@ -27,17 +27,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from medsynth.data.cohorts import has_scar, healthy_subjects  # noqa: F401 - healthy_subjects re-exported
 from medsynth.data.slices import SliceSet
 from medsynth.labels import MVO, MYOCARDIAL_WALL, SCAR
-from medsynth.models.base import AnomalyScores, GenerativeModel
-from medsynth.utils.atomic import atomic_file
+from medsynth.models.base import AnomalyScores, GenerativeModel, require
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,6 @@ METRIC_COLUMNS = [
     "method", "n_slices", "n_subjects", "n_pos_slices", "n_pos_subjects", "slice_auroc", "case_auroc",
     "pixel_auprc", "pixel_dice", "threshold",
 ]  # fmt: skip
-NORMAL_PATHOLOGY = ("normal", "nor", "healthy", "none")
 
 
 def scar_mask(labels: np.ndarray) -> np.ndarray:
@@ -57,7 +55,7 @@ def scar_mask(labels: np.ndarray) -> np.ndarray:
 
 def has_scar_info(slices: SliceSet) -> bool:
     """Whether the labels can evaluate detection: some slices carry scar/MVO and some do not."""
-    pos = scar_mask(slices.labels).reshape(len(slices), -1).any(1)
+    pos = has_scar(slices.labels)
     return bool(pos.any() and not pos.all())
 
 
@@ -172,9 +170,9 @@ def evaluate_scores(
 
 
 # ---- baselines -----------------------------------------------------------------------------------------
-def baseline_scores(slices: SliceSet, gmm: GenerativeModel | None = None) -> dict[str, AnomalyScores]:
-    """The clinical baselines of :mod:`medsynth.evaluation.scar` (n-SD, n = 2, 3, 5; FWHM; and the GMM scar
-    posterior when a fitted ``gmm`` with a scar model is given) as anomaly scores: pixel map = the method's
+def baseline_scores(slices: SliceSet, scar_model: GenerativeModel | None = None) -> dict[str, AnomalyScores]:
+    """The clinical baselines of :mod:`medsynth.evaluation.scar` (n-SD, n = 2, 3, 5; FWHM; and, given a fitted
+    model that can ``score`` scar, its thresholded pixel maps) as anomaly scores: pixel map = the method's
     binary scar mask inside the wall, slice score = predicted scar fraction of the wall (as in
     :func:`medsynth.evaluation.scar.scar_metrics`). Evaluate them with threshold 0.5 (:data:`BASELINE_THRESHOLD`).
     """
@@ -183,10 +181,12 @@ def baseline_scores(slices: SliceSet, gmm: GenerativeModel | None = None) -> dic
     wall = np.isin(slices.labels, MYOCARDIAL_WALL)
     area = np.maximum(wall.reshape(len(slices), -1).sum(1), 1)
     out = {}
-    for name, mask in predict_scar(slices, gmm).items():
+    thresholds: dict[str, float] = {}
+    for name, mask in predict_scar(slices, scar_model, thresholds=thresholds).items():
         m = (mask & wall).astype(np.float32)
-        # the thresholded GMM posterior is named "gmm>0.5" so it cannot clash with a continuous "gmm" model row
-        key = "gmm>0.5" if name == "gmm" else name
+        # a thresholded model row is named "<family>><threshold>" (e.g. "gmm>0.5") so it cannot clash with
+        # the same family's continuous row
+        key = f"{name}>{thresholds[name]:.3g}" if name in thresholds else name
         out[key] = AnomalyScores(slice_scores=m.reshape(len(m), -1).sum(1) / area, pixel_maps=m)
     return out
 
@@ -197,10 +197,7 @@ BASELINE_THRESHOLD = 0.5
 
 def score_model(model: GenerativeModel, slices: SliceSet) -> AnomalyScores:
     """``model.score(slices)`` with a shape check (the capability must be declared)."""
-    if not model.supports("score"):
-        from medsynth.models.base import CapabilityError
-
-        raise CapabilityError(f"family {model.family!r} cannot score (capabilities: {sorted(model.capabilities)})")
+    require(model, "score")
     scores = model.score(slices)
     if scores.pixel_maps is not None and scores.pixel_maps.shape != slices.labels.shape:
         raise ValueError(f"{model.family}: pixel maps {scores.pixel_maps.shape} != labels {slices.labels.shape}")
@@ -228,12 +225,12 @@ def comparison_table(
     methods: Mapping[str, GenerativeModel | AnomalyScores],
     slices: SliceSet,
     include_baselines: bool = True,
-    gmm: GenerativeModel | None = None,
+    scar_model: GenerativeModel | None = None,
     agg: str = "max",
     pixel_quantile: float = 0.95,
 ) -> pd.DataFrame:
     """Metrics rows for every model (scored here) or precomputed score, then the n-SD / FWHM baselines and,
-    with a fitted scar-capable ``gmm``, its thresholded posterior (all via :mod:`medsynth.evaluation.scar`).
+    with a fitted ``scar_model`` that can score, its thresholded pixel maps (all via :mod:`medsynth.evaluation.scar`).
 
     Each model gets two rows: ``NAME`` with the model's own slice score (whole slice: reconstruction error or
     NLL) and ``NAME[wall]`` with :func:`wall_scores` (pixel-map quantile inside the given LV wall, the same
@@ -246,20 +243,9 @@ def comparison_table(
         if has_wall and scores.pixel_maps is not None:
             rows.append(evaluate_scores(slices, wall_scores(slices, scores), f"{name}[wall]", agg, pixel_quantile))
     if include_baselines:
-        for name, scores in baseline_scores(slices, gmm).items():
+        for name, scores in baseline_scores(slices, scar_model).items():
             rows.append(evaluate_scores(slices, scores, name, agg, pixel_quantile, BASELINE_THRESHOLD))
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
-
-
-def healthy_subjects(slices: SliceSet) -> np.ndarray:
-    """Slice mask of scar-free subjects: pathology says normal (when given) and no slice carries scar labels."""
-    meta = slices.meta
-    pos = (
-        pd.Series(scar_mask(slices.labels).reshape(len(slices), -1).any(1)).groupby(meta["subject_id"]).transform("any")
-    )
-    path = meta.get("pathology", pd.Series([""] * len(meta))).astype(str).str.lower()
-    normal_by_path = path.isin(NORMAL_PATHOLOGY) | (path == "") | (path == "nan")
-    return (normal_by_path & ~pos).to_numpy()
 
 
 def protocol_split(slices: SliceSet, train_split: str = "train") -> tuple[SliceSet, SliceSet]:
@@ -278,10 +264,10 @@ def run_protocol(
     slices: SliceSet,
     seed: int = 0,
     train_split: str = "train",
-    gmm: GenerativeModel | None = None,
+    scar_model: GenerativeModel | None = None,
 ) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
     """Fit each ``name → (family, config)`` on healthy training subjects, score the rest, and tabulate against
-    the baselines (and an already-fitted scar ``gmm``, which needs scar labels to fit and so is not fitted on
+    the baselines (and an already-fitted ``scar_model``, which needs scar labels to fit and so is not fitted on
     healthy subjects only). Returns (table, fit reports)."""
     from medsynth.models.registry import create_model
 
@@ -292,33 +278,7 @@ def run_protocol(
         model = create_model(family, cfg)
         reports[name] = model.fit(fit_set, None, seed=seed)
         models[name] = model
-    return comparison_table(models, eval_set, gmm=gmm), reports
-
-
-# ---- writing -------------------------------------------------------------------------------------------
-def detect(
-    model: GenerativeModel, slices: SliceSet, out_dir: str | Path, agg: str = "max", baselines: bool = True
-) -> dict[str, Path]:
-    """Score ``slices`` with ``model`` and write ``slice_scores.csv``, ``subject_scores.csv`` and, when the
-    labels carry scar information, ``anomaly_metrics.csv`` (model row, then n-SD / FWHM rows) into ``out_dir``.
-    A ``gmm`` model's row is its own posterior score (continuous)."""
-    out_dir = Path(out_dir)
-    scores = score_model(model, slices)
-    sdf = slice_table(slices, scores)
-    written = {"slice_scores": _write_csv(sdf, out_dir / "slice_scores.csv")}
-    written["subject_scores"] = _write_csv(subject_table(sdf, agg), out_dir / "subject_scores.csv")
-    if has_scar_info(slices):
-        table = comparison_table({model.family: scores}, slices, include_baselines=baselines, agg=agg)
-        written["anomaly_metrics"] = _write_csv(table, out_dir / "anomaly_metrics.csv")
-    else:
-        log.info("no scar labels in the scored set: anomaly_metrics.csv not written")
-    return written
-
-
-def _write_csv(df: pd.DataFrame, path: Path) -> Path:
-    with atomic_file(path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
-    return path
+    return comparison_table(models, eval_set, scar_model=scar_model), reports
 
 
 def format_table(df: pd.DataFrame) -> str:

@@ -8,7 +8,9 @@ at a time:
   manually drawn remote ROI;
 - ``fwhm``: half of the maximum wall intensity (the classic full-width-at-half-maximum rule, with the
   maximum taken over the whole wall because no hyperenhanced ROI is drawn);
-- ``gmm``: the fitted GMM's per-pixel scar posterior (:meth:`GMMModel.score`), thresholded at 0.5.
+- a fitted model that can ``score`` (row named after its family, e.g. ``gmm``): its pixel maps thresholded at
+  the value the family declares for calibrated maps (the GMM's scar posterior: 0.5), else at a reference
+  quantile of the scar-free wall (see :func:`predict_scar`).
 
 Reference scar = SCAR ∪ MVO (MVO is infarcted tissue; it is dark in LGE, so every intensity method misses
 it unless filled — reported as is). Metrics: pixel Dice per case (all its slices together) averaged over
@@ -19,7 +21,6 @@ fraction of the wall.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,14 +28,14 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from medsynth.data.slices import SliceSet
-from medsynth.errors import ManifestError, MedsynthError
+from medsynth.errors import ManifestError
 from medsynth.labels import MVO, MYOCARDIAL_WALL, SCAR
-from medsynth.utils.atomic import atomic_file
 from medsynth.utils.seeding import rng as make_rng
 
 log = logging.getLogger(__name__)
 
-METHODS = ("nsd2", "nsd3", "nsd5", "fwhm", "gmm")
+#: The thresholding baselines; a scoring model adds one row after them.
+BASELINES = ("nsd2", "nsd3", "nsd5", "fwhm")
 METRIC_COLUMNS = (
     "method",
     "dice_mean",
@@ -69,21 +70,45 @@ def fwhm_mask(image: np.ndarray, label: np.ndarray) -> np.ndarray:
     return wall & (image >= 0.5 * float(image[wall].max()))
 
 
-def predict_scar(slices: SliceSet, model: Any | None = None) -> dict[str, np.ndarray]:
-    """Binary scar masks (N, H, W) per method; ``gmm`` only with a model supporting ``score``."""
+def predict_scar(
+    slices: SliceSet, model: Any | None = None, name: str | None = None, thresholds: dict[str, float] | None = None
+) -> dict[str, np.ndarray]:
+    """Binary scar masks (N, H, W) per method: the n-SD and FWHM baselines and, given a model that can
+    ``score``, its pixel maps thresholded (row ``name``, default the model's family).
+
+    The threshold is the one the family declares for calibrated maps (:attr:`AnomalyScores.pixel_threshold`,
+    e.g. a posterior at 0.5); for uncalibrated maps (likelihoods, reconstruction errors) it is the
+    :data:`REFERENCE_QUANTILE` of the map inside the wall of the slices without scar labels. The threshold
+    used is stored in ``thresholds`` (when given) under the row's name."""
     out: dict[str, np.ndarray] = {}
     imgs, labs = slices.images[:, 0], slices.labels
     for n in (2, 3, 5):
         out[f"nsd{n}"] = np.stack([nsd_mask(imgs[i], labs[i], n) for i in range(len(slices))])
     out["fwhm"] = np.stack([fwhm_mask(imgs[i], labs[i]) for i in range(len(slices))])
     if model is not None and model.supports("score"):
-        try:
-            scores = model.score(slices)
-        except MedsynthError as err:  # e.g. a gmm fitted without scar labels has no scar component
-            log.warning("gmm row skipped: %s", err)
-        else:
-            out["gmm"] = (scores.pixel_maps > 0.5) & np.isin(labs, MYOCARDIAL_WALL)
+        wall = np.isin(labs, MYOCARDIAL_WALL)
+        scores = model.score(slices)
+        if scores.pixel_maps is None:
+            log.warning("%s row skipped: the model gives no pixel maps", name or model.family)
+            return out
+        threshold = scores.pixel_threshold
+        if threshold is None:
+            ref = scores.pixel_maps[wall & ~np.isin(labs, (SCAR, MVO)).any(axis=(1, 2))[:, None, None]]
+            ref = ref[np.isfinite(ref)]
+            if ref.size == 0:
+                log.warning("%s row skipped: no scar-free wall pixels to set its threshold", name or model.family)
+                return out
+            threshold = float(np.quantile(ref, REFERENCE_QUANTILE))
+        out[name or model.family] = (scores.pixel_maps > threshold) & wall
+        if thresholds is not None:
+            thresholds[name or model.family] = float(threshold)
+    elif model is not None:
+        log.warning("%s row skipped: %s", name or model.family, "the model cannot score (no scar model)")
     return out
+
+
+#: Threshold of uncalibrated pixel maps: this quantile of the scar-free wall's values.
+REFERENCE_QUANTILE = 0.95
 
 
 def _auroc(truth: np.ndarray, score: np.ndarray) -> float:
@@ -146,57 +171,13 @@ def patient_split(slices: SliceSet, test_fraction: float, seed: int) -> np.ndarr
     return np.isin(subjects, sorted(test))
 
 
-def evaluate_scar(
-    slices: SliceSet,
-    model: Any | None = None,
-    train: SliceSet | None = None,
-    seed: int = 0,
-) -> pd.DataFrame:
-    """Metrics on ``slices`` (held-out). Without ``model`` a GMM is fitted on ``train`` (required then)."""
-    if model is None:
-        if train is None or len(train) == 0:
-            raise ManifestError("evaluate scar: no model and no training slices to fit the GMM on")
-        from medsynth.models.registry import create_model
-
-        model = create_model("gmm")
-        model.fit(train, seed=seed)
-    predictions = predict_scar(slices, model)
-    if "gmm" not in predictions:
-        raise ManifestError("evaluate scar: the GMM has no scar component (no scar labels in its training slices)")
+def evaluate_scar(slices: SliceSet, model: Any, name: str | None = None) -> pd.DataFrame:
+    """Metrics on ``slices`` (held-out) of the baselines and a fitted model that can ``score`` (row ``name``,
+    default its family)."""
+    predictions = predict_scar(slices, model, name)
+    if (name or model.family) not in predictions:
+        raise ManifestError(
+            f"evaluate scar: the {model.family!r} model gives no scar prediction (a scar model needs scar labels "
+            "in its training slices)"
+        )
     return scar_metrics(slices, predictions)
-
-
-def run_scar_evaluation(
-    manifest: str | Path,
-    out_dir: str | Path,
-    model_dir: str | Path | None = None,
-    data_root: str | Path | None = None,
-    seed: int = 0,
-    test_fraction: float = 0.5,
-    preprocess: Any = None,
-) -> Path:
-    """``medsynth evaluate scar``: write ``out_dir/scar_metrics.csv`` and return its path.
-
-    With ``model_dir`` every slice of the manifest is evaluated with that model. Otherwise the GMM is fitted on
-    the manifest's ``train`` split and evaluated on the rest (``test``/``val``); without splits a seeded
-    patient-level split (``test_fraction``, stratified by scar) is made, so no patient is in both.
-    """
-    from medsynth.models.api import load_manifest_slices
-    from medsynth.models.registry import load_model
-
-    slices = load_manifest_slices(manifest, data_root, preprocess)
-    if len(slices) == 0:
-        raise ManifestError(f"{manifest}: no slices to evaluate")
-    if model_dir is not None:
-        table = evaluate_scar(slices, load_model(model_dir))
-    else:
-        splits = slices.meta["split"].astype(str).to_numpy()
-        is_test = (splits != "train") if (splits == "train").any() else patient_split(slices, test_fraction, seed)
-        if is_test.all() or not is_test.any():
-            raise ManifestError(f"{manifest}: need both training and held-out patients for the scar evaluation")
-        table = evaluate_scar(slices.subset(is_test), train=slices.subset(~is_test), seed=seed)
-    out = Path(out_dir) / "scar_metrics.csv"
-    with atomic_file(out) as tmp:
-        table.to_csv(tmp, index=False)
-    log.info("scar metrics:\n%s", table.to_string(index=False))
-    return out

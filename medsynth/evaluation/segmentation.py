@@ -394,6 +394,19 @@ def run_segmentation_protocol(
     return pd.concat(out, ignore_index=True)
 
 
+#: Wall-clock columns of the per-case table: they differ between identical runs, so they are written apart
+#: (``timings.csv``) from the per-case results, which stay byte-identical for one seed and config.
+TIMING_COLUMNS: tuple[str, ...] = ("train_seconds",)
+
+
+def split_timings(per_case: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(per_case without timing columns, timings)``; timings has one row per arm × seed."""
+    cols = [c for c in TIMING_COLUMNS if c in per_case.columns]
+    keys = [c for c in ("arm", "seed") if c in per_case.columns]
+    timings = per_case[keys + cols].drop_duplicates(keys).reset_index(drop=True) if cols else pd.DataFrame()
+    return per_case.drop(columns=cols), timings
+
+
 def per_seed_table(per_case: pd.DataFrame) -> pd.DataFrame:
     """One row per arm × seed × class: mean Dice and HD95 over test patients."""
     g = per_case.groupby(["arm", "seed", "class"], sort=False)

@@ -16,20 +16,20 @@ Arrays stay in :class:`~medsynth.data.slices.SliceSet` (images (N, 1, H, W), lab
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from medsynth.config import StrictModel
+from medsynth.config import StrictModel, nested
 from medsynth.data.slices import SliceSet
 from medsynth.errors import MedsynthError
 from medsynth.evaluation.features import get_extractor
 from medsynth.evaluation.fidelity import bootstrap_fd, frechet_distance, percentile_ci
 from medsynth.evaluation.segmentation import SegmentationConfig, evaluate_cases, train_unet
 from medsynth.labels import CANONICAL, N_CLASSES
-from medsynth.models.base import GenerativeModel
+from medsynth.models.base import GenerativeModel, require
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 class TranslationEvalConfig(StrictModel):
     extractor: str = "random_cnn"
     bootstrap: int = Field(100, ge=0)
-    segmentation: dict[str, Any] = {}  # SegmentationConfig keys for the target-domain U-Net
-    direction: str = "forward"
+    #: SegmentationConfig keys for the target-domain U-Net (validated with the config)
+    segmentation: nested("medsynth.evaluation.segmentation:SegmentationConfig") = {}
+    direction: Literal["forward", "backward"] = "forward"
 
 
 def evaluate_translation(
@@ -48,8 +49,7 @@ def evaluate_translation(
     slices. ``train`` supplies the target domain's real labelled slices for the U-Net, ``test`` both domains'
     held-out slices (patient-level split)."""
     cfg = config or TranslationEvalConfig()
-    if not model.supports("translate"):
-        raise MedsynthError(f"model: family {model.family!r} cannot translate")
+    require(model, "translate")
     key, src, dst, from_test = model.translation_domains(test, cfg.direction)
     to_test = model.translation_domains(test, "backward" if cfg.direction == "forward" else "forward")[3]
     to_train = model.translation_domains(train, "backward" if cfg.direction == "forward" else "forward")[3]
@@ -108,43 +108,3 @@ def evaluate_translation(
     table = pd.DataFrame(rows)
     table.insert(0, "direction", f"{src}->{dst}")
     return table, translated
-
-
-def run_translation_evaluation(
-    model_dir: str,
-    manifest: str,
-    out_dir: str,
-    data_root: str | None = None,
-    config: TranslationEvalConfig | None = None,
-    seed: int = 0,
-) -> str:
-    """CLI driver: evaluate a saved translation model on a manifest holding both domains with a patient-level
-    train/test split; write ``translation_metrics.csv`` and ``report.md`` to ``out_dir`` atomically."""
-    from pathlib import Path
-
-    from medsynth.errors import ManifestError
-    from medsynth.evaluation.report import md_table
-    from medsynth.models.api import load_manifest_slices, load_model, preprocess_config, read_fit_report
-    from medsynth.utils.atomic import atomic_dir
-
-    model = load_model(model_dir)
-    slices = load_manifest_slices(manifest, data_root, preprocess_config(read_fit_report(model_dir).get("preprocess")))
-    split = slices.meta["split"].astype(str)
-    train, test = slices.subset((split == "train").to_numpy()), slices.subset((split == "test").to_numpy())
-    if len(train) == 0 or len(test) == 0:
-        raise ManifestError(f"{manifest}: needs subjects in both the train and the test split")
-    table, _ = evaluate_translation(model, train, test, config, seed=seed)
-    with atomic_dir(out_dir) as tmp:
-        table.to_csv(tmp / "translation_metrics.csv", index=False)
-        lines = [
-            f"# Translation {table['direction'].iloc[0]} ({model.family}, model {model.model_hash[:16]})",
-            "",
-            "before = source test slices as they are, after = translated; FD against the real target test slices;",
-            "Dice of a U-Net trained on real target-domain training slices, against the source labels.",
-            "",
-            md_table(table),
-            "",
-        ]
-        (tmp / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    log.info("translation metrics written to %s", out_dir)
-    return str(Path(out_dir) / "translation_metrics.csv")

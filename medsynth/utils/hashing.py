@@ -34,3 +34,15 @@ def sha256_arrays(arrays: dict[str, np.ndarray]) -> str:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """Hex SHA-256 of a file, or of a folder (a DICOM series): names and bytes of every file in it, sorted."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(p.relative_to(path).as_posix().encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()

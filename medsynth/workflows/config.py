@@ -1,4 +1,12 @@
-"""The run configuration (``configs/*.yaml``), validated: unknown or mistyped keys are rejected by name."""
+"""The run configuration (``configs/*.yaml``), validated as a whole when the YAML is read.
+
+Every nested section is checked then, before any stage runs: the typed sections below, the dict-valued ones
+by the config of the component that uses them (``evaluation.segmentation.params`` and
+``evaluation.translation.segmentation`` by :class:`medsynth.evaluation.segmentation.SegmentationConfig`,
+``models[i].params`` by the family's ``Config``), and cross-field rules (each model's family must declare the
+capability its flow uses). A problem anywhere is one :class:`~medsynth.errors.ConfigError` line naming the full
+key path, e.g. ``configs/x.yaml: unknown key 'evaluation.segmentation.params.iteration'; allowed keys: …``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from medsynth.config import StrictModel, load_config
+from medsynth.config import KeyProblem, StrictModel, check_with, load_config, nested
 from medsynth.data.preprocess import PreprocessConfig
 
 
@@ -55,6 +63,13 @@ class DataConfig(StrictModel):
         return v
 
 
+#: Keys of :class:`medsynth.evaluation.segmentation.SegmentationConfig` (imported when a config is validated).
+SegmentationParams = nested("medsynth.evaluation.segmentation:SegmentationConfig")
+
+#: The capability each flow uses of every configured model.
+FLOW_CAPABILITY = {"augment": "sample", "anomaly": "score", "translate": "translate"}
+
+
 class ModelSpec(StrictModel):
     """One generative family to fit. ``params`` is validated by the family's own config."""
 
@@ -62,6 +77,17 @@ class ModelSpec(StrictModel):
     name: str | None = None
     params: dict[str, Any] = {}
     fit_on: Literal["train", "healthy_train"] = "train"
+
+    @model_validator(mode="after")
+    def _check_family(self) -> ModelSpec:
+        from medsynth.models.registry import get_family
+
+        try:
+            cls = get_family(self.family)
+        except ValueError as err:
+            raise KeyProblem("family", str(err)) from None
+        check_with(cls.Config, self.params, key="params")
+        return self
 
     @property
     def label(self) -> str:
@@ -95,17 +121,26 @@ class SynthesisConfig(StrictModel):
     context: bool = False
 
 
+def _extractor_spec(v: str) -> str:
+    """``random_cnn`` or a saved extractor folder (:func:`medsynth.evaluation.features.get_extractor`)."""
+    if v != "random_cnn" and not Path(v).is_dir():
+        raise ValueError(f"expected 'random_cnn' or a saved extractor folder, got {v!r}")
+    return v
+
+
 class FidelityStageConfig(StrictModel):
     enabled: bool = True
     extractor: str = "random_cnn"
     bootstrap: int = Field(100, ge=0)
+
+    _check_extractor = field_validator("extractor")(_extractor_spec)
 
 
 class SegmentationStageConfig(StrictModel):
     enabled: bool = True
     arms: list[Literal["real", "real+synthetic", "synthetic"]] = ["real", "real+synthetic"]
     seeds: list[int] = [0, 1, 2]
-    params: dict[str, Any] = {}  # validated by medsynth.evaluation.segmentation's config
+    params: SegmentationParams = {}
 
 
 class AnomalyStageConfig(StrictModel):
@@ -121,7 +156,9 @@ class TranslationStageConfig(StrictModel):
     extractor: str = "random_cnn"
     bootstrap: int = Field(100, ge=0)
     direction: Literal["forward", "backward"] = "forward"
-    segmentation: dict[str, Any] = {}  # validated by medsynth.evaluation.segmentation's config
+    segmentation: SegmentationParams = {}
+
+    _check_extractor = field_validator("extractor")(_extractor_spec)
 
 
 class EvaluationConfig(StrictModel):
@@ -155,7 +192,8 @@ class RunConfig(StrictModel):
     seed: int = 0
     data: DataConfig = DataConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
-    models: list[ModelSpec] = [ModelSpec(family="gmm")]
+    #: default: the registry's first family that can sample (looked up when a config leaves ``models`` out)
+    models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(family=_default_family())])
     synthesis: SynthesisConfig = SynthesisConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     runner: RunnerConfig = RunnerConfig()
@@ -175,22 +213,37 @@ class RunConfig(StrictModel):
             raise ValueError(f"models: names must be unique, got {labels}; set 'name' to tell them apart")
         return self
 
+    @model_validator(mode="after")
+    def _flow_capabilities(self) -> RunConfig:
+        """Every model can do what its flow asks of it (a CycleGAN cannot sample, so not in ``augment``)."""
+        from medsynth.models.registry import families_with, get_family
+
+        needed = FLOW_CAPABILITY[self.flow]
+        for i, spec in enumerate(self.models):
+            if needed not in get_family(spec.family).capabilities:
+                raise KeyProblem(
+                    f"models.{i}.family",
+                    f"family {spec.family!r} cannot {needed}, which the {self.flow} flow needs of every model; "
+                    f"families that can: {families_with(needed)}",
+                )
+        scarring = [m for m in self.models if "scar" in get_family(m.family).capabilities]
+        if self.flow == "augment" and self.synthesis.scar.enabled and not scarring:
+            raise KeyProblem(
+                "synthesis.scar.enabled",
+                f"no configured model can insert scar; families that can: {families_with('scar')}",
+            )
+        return self
+
+
+def _default_family() -> str:
+    from medsynth.models.registry import default_family
+
+    return default_family("sample")
+
 
 def load_run_config(path: str | Path) -> RunConfig:
-    """Load and validate a run YAML; model ``params`` are validated against each family's config."""
-    from medsynth.config import validate
-    from medsynth.models.registry import get_family
-
-    cfg = load_config(RunConfig, path)
-    for i, spec in enumerate(cfg.models):
-        try:
-            family = get_family(spec.family)
-        except ValueError as err:
-            from medsynth.errors import ConfigError
-
-            raise ConfigError(f"{path}: key 'models.{i}.family': {err}") from None
-        validate(family.Config, spec.params, source=f"{path}: models.{i}.params")
-    return cfg
+    """Load and validate a run YAML, every nested section included (see the module docstring)."""
+    return load_config(RunConfig, path)
 
 
 def resolve_data_root(cfg: RunConfig, cli_root: str | None) -> Path | None:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from medsynth.data.slices import SliceSet
+from medsynth.workflows import ops
 from medsynth.workflows.outputs import write_report_outputs, write_run_outputs
 from medsynth.workflows.stage import artefact, run_stage
 from medsynth.workflows.stages import load_split
@@ -31,29 +32,21 @@ def score_fidelity(
 ) -> dict[str, Any]:
     """FD/rFD/KID/PRDC/MS-SSIM of a synthetic set against held-out real slices, plus the memorisation check."""
     from medsynth.evaluation.features import get_extractor
-    from medsynth.evaluation.fidelity import FidelityConfig, compute_fidelity
-    from medsynth.evaluation.memorisation import check_memorisation
+    from medsynth.evaluation.fidelity import FidelityConfig
 
     inputs = {"slices": slices_record["key"], "synthetic": synth_record["key"], "cfg": cfg}
 
     def build(tmp: Path) -> dict[str, Any]:
         real_test = _reference_split(slices_record)
-        real_train = load_split(slices_record, "train")
         synth = SliceSet.load(artefact(synth_record))
-        extractor = get_extractor(cfg["extractor"])
-        table = compute_fidelity(real_test, synth, extractor, FidelityConfig(n_bootstrap=cfg["bootstrap"]))
-        mem = check_memorisation(synth, real_train, real_test)
-        mem_rows = pd.DataFrame(
-            [
-                {"metric": "memorised_fraction", "value": mem.summary["fraction_flagged"]},
-                {"metric": "nn_distance_ratio_median", "value": mem.summary["median_ratio"]},
-            ]
+        table, _ = ops.fidelity_table(
+            real_test,
+            synth,
+            get_extractor(cfg["extractor"]),
+            FidelityConfig(n_bootstrap=cfg["bootstrap"]),
+            real_train=load_split(slices_record, "train"),
+            real_test=real_test,
         )
-        mem_rows["ci_low"] = mem_rows["ci_high"] = np.nan
-        mem_rows["extractor"] = "nearest-neighbour"
-        mem_rows["extractor_hash"] = mem.summary.get("method", mem.summary["space"])
-        mem_rows["n_real"], mem_rows["n_synthetic"] = len(real_train), len(synth)
-        table = pd.concat([table, mem_rows], ignore_index=True)
         table.insert(0, "model", synth_record["name"])
         table.insert(1, "family", synth_record["family"])
         table.to_csv(tmp / "fidelity.csv", index=False)
@@ -132,6 +125,27 @@ def _markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     return "\n".join(lines)
 
 
+def _report_head(
+    title: str,
+    config: dict[str, Any],
+    config_hash: str,
+    manifest_record: dict[str, Any],
+    slices_record: dict[str, Any],
+    model_records: list[dict[str, Any]],
+) -> list[str]:
+    """First report lines of a run: name, config hash, seed, data, split sizes and the fitted models."""
+    models = [{"name": m["name"], "family": m["family"], "model_hash": m["model_hash"]} for m in model_records]
+    return [
+        f"# medsynth {title} `{config['run_name']}`",
+        "",
+        f"Config hash `{config_hash}`, seed {config['seed']}, data source `{config['data']['source']}`.",
+        f"Subjects per split: {manifest_record['subjects']}; slices per split: {slices_record['counts']}.",
+        "",
+        "## Models",
+        _markdown_table(pd.DataFrame(models)),
+    ]
+
+
 def write_augment_outputs(
     work: str,
     out: str,
@@ -150,19 +164,7 @@ def write_augment_outputs(
     staging = Path(work) / "report"
     staging.mkdir(parents=True, exist_ok=True)
     tables: dict[str, str] = {}
-    sections = [
-        f"# medsynth run `{config['run_name']}`",
-        "",
-        f"Config hash `{config_hash}`, seed {config['seed']}, data source `{config['data']['source']}`.",
-        f"Subjects per split: {manifest_record['subjects']}; slices per split: {slices_record['counts']}.",
-        "",
-        "## Models",
-        _markdown_table(
-            pd.DataFrame(
-                [{"name": m["name"], "family": m["family"], "model_hash": m["model_hash"]} for m in model_records]
-            )
-        ),
-    ]
+    sections = _report_head("run", config, config_hash, manifest_record, slices_record, model_records)
     summary_for_artifact: pd.DataFrame | None = None
     if fidelity_records:
         fid = pd.concat([pd.read_csv(artefact(r)) for r in fidelity_records], ignore_index=True)
@@ -171,7 +173,12 @@ def write_augment_outputs(
         sections += ["", "## Fidelity (synthetic vs held-out real)", _markdown_table(fid)]
     if segmentation_records:
         per_case = pd.concat([pd.read_csv(artefact(r)) for r in segmentation_records], ignore_index=True)
-        per_case.to_csv(staging / "segmentation_per_case.csv", index=False)
+        from medsynth.evaluation.segmentation import split_timings
+
+        # wall-clock seconds go beside the run folder (work/timings.csv): the run folder stays byte-identical
+        results, timings = split_timings(per_case)
+        results.to_csv(staging / "segmentation_per_case.csv", index=False)
+        timings.to_csv(Path(work) / "timings.csv", index=False)
         seg = per_seed_table(per_case)
         seg.to_csv(staging / "segmentation.csv", index=False)
         summary = summarise(per_case, seed=config["seed"])
@@ -234,19 +241,7 @@ def write_translate_outputs(
     staging = Path(work) / "report"
     staging.mkdir(parents=True, exist_ok=True)
     tables: dict[str, str] = {}
-    sections = [
-        f"# medsynth translate run `{config['run_name']}`",
-        "",
-        f"Config hash `{config_hash}`, seed {config['seed']}, data source `{config['data']['source']}`.",
-        f"Subjects per split: {manifest_record['subjects']}; slices per split: {slices_record['counts']}.",
-        "",
-        "## Models",
-        _markdown_table(
-            pd.DataFrame(
-                [{"name": m["name"], "family": m["family"], "model_hash": m["model_hash"]} for m in model_records]
-            )
-        ),
-    ]
+    sections = _report_head("translate run", config, config_hash, manifest_record, slices_record, model_records)
     if metric_records:
         metrics = pd.concat([pd.read_csv(artefact(r)) for r in metric_records], ignore_index=True)
         metrics.to_csv(staging / "translation_metrics.csv", index=False)
@@ -321,22 +316,20 @@ def score_anomaly(work: str, slices_record: dict[str, Any], model_record: dict[s
 
 
 def anomaly_baselines(work: str, slices_record: dict[str, Any], seed: int = 0) -> dict[str, Any]:
-    """n-SD (2, 3, 5), FWHM and the GMM scar posterior (fitted on the labelled training split) on the test split."""
+    """n-SD (2, 3, 5), FWHM and the thresholded scar score of the registry's default scar family (fitted on
+    the labelled training split, when it holds scar) on the test split."""
     from medsynth.evaluation.anomaly import BASELINE_THRESHOLD, baseline_scores, evaluate_scores, has_scar_info
-    from medsynth.models.registry import create_model
+    from medsynth.models.registry import default_family
 
     inputs = {"slices": slices_record["key"], "seed": seed}
 
     def build(tmp: Path) -> dict[str, Any]:
         test = _reference_split(slices_record)
         train = load_split(slices_record, "train")
-        gmm = None
-        if has_scar_info(train):
-            gmm = create_model("gmm")
-            gmm.fit(train, None, seed=seed)
+        scar_model = ops.fit(default_family("scar"), None, train, seed=seed)[0] if has_scar_info(train) else None
         rows = [
             evaluate_scores(test, scores, name, threshold=BASELINE_THRESHOLD)
-            for name, scores in baseline_scores(test, gmm).items()
+            for name, scores in baseline_scores(test, scar_model).items()
         ]
         pd.DataFrame(rows).to_csv(tmp / "metrics.csv", index=False)
         return {"path": "metrics.csv", "metrics": "metrics.csv", "name": "baselines"}

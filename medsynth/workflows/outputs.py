@@ -1,8 +1,11 @@
 """The run's final outputs, written atomically under ``OUT/<run_name>/``.
 
 - ``dataset/``: nnU-Net v2 raw (imagesTr, labelsTr, dataset.json) + MONAI ``datalist.json`` — the real
-  training cases (preprocessed volumes) plus the labelled synthetic slices;
-- ``manifest.csv``: a medsynth manifest of ``dataset/`` with provenance per case;
+  training cases (preprocessed slice stacks) plus the labelled synthetic slices, every file with its true
+  geometry (:mod:`medsynth.data.writer`: resampled in-plane spacing, source slice spacing, the source scan's
+  world position; a synthetic slice takes its label slice's). The dataset is 2-D only (nnU-Net ``2d``);
+- ``manifest.csv``: a medsynth manifest of ``dataset/`` with provenance per case (``shape`` / ``spacing`` in
+  canonical (X, Y, Z) order, as the manifest builder writes them);
 - ``metrics/*.csv``, ``report.md`` and its figures; ``config.yaml`` (resolved) and ``versions.json``.
 """
 
@@ -24,9 +27,11 @@ from medsynth.data.export import Case, label_renumbering, write_nnunet_dataset
 from medsynth.data.manifest import write_manifest
 from medsynth.data.slices import SliceSet
 from medsynth.data.volume import shape_to_str, spacing_to_str
+from medsynth.data.writer import canonical_shape_spacing, slice_affine, stack_groups
 from medsynth.labels import LABEL_MAPS
 from medsynth.utils.atomic import atomic_dir
 from medsynth.utils.hashing import sha256_file
+from medsynth.workflows.ops import manifest_row
 from medsynth.workflows.stage import artefact
 
 log = logging.getLogger(__name__)
@@ -44,34 +49,39 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def slice_spacing(record: str) -> tuple[float, float, float]:
-    """In-plane spacing of a preprocessed slice (mm) and its slice spacing; 1 mm where unknown (PNG)."""
-    rec = json.loads(record) if record else {}
-    sp = rec.get("out_spacing") or rec.get("spacing") or [1.0, 1.0, 1.0]
-    sp = [float(s) if s else 1.0 for s in sp]
-    while len(sp) < 3:
-        sp.append(1.0)
-    return sp[0], sp[1], sp[2]
+def _default_spacing(config: dict[str, Any]) -> float:
+    """Spacing (mm) for slices without a geometry record: the preprocessing config's ``spacing_mm``."""
+    return float((config.get("preprocess") or {}).get("spacing_mm") or 1.0)
 
 
-def _real_cases(train: SliceSet) -> list[tuple[Case, dict[str, Any]]]:
+def real_cases(train: SliceSet, default_spacing_mm: float = 1.0) -> list[tuple[Case, dict[str, Any]]]:
+    """The real training cases: each source volume's kept slices as one (H, W, n) stack with the source
+    scan's geometry (:mod:`medsynth.data.writer`). A volume whose kept slices are not consecutive (or, for
+    PNG stacks, not cropped alike) becomes one case per run, ``real_NNNN_KK``: no slice is invented."""
     out = []
     for i, (case, idx) in enumerate(train.meta.groupby("case", sort=True).indices.items()):
-        idx = np.asarray(idx)[np.argsort(train.meta["slice_index"].iloc[idx].astype(int).to_numpy())]
-        row = train.meta.iloc[idx[0]]
-        image = np.moveaxis(train.images[idx, 0], 0, -1)
-        label = np.moveaxis(train.labels[idx], 0, -1)
-        cid = f"real_{i:04d}"
-        out.append((Case(cid, image, label, slice_spacing(row["record"])), {**row.to_dict(), "source_case": case}))
+        idx = np.asarray(idx)
+        records = train.meta["record"].iloc[idx].tolist()
+        groups = stack_groups(records, default_spacing_mm)
+        for k, group in enumerate(groups):
+            sel = idx[group]
+            affine, spacing = slice_affine(records[group[0]], default_spacing_mm)
+            image = np.moveaxis(train.images[sel, 0], 0, -1)
+            label = np.moveaxis(train.labels[sel], 0, -1)
+            cid = f"real_{i:04d}" if len(groups) == 1 else f"real_{i:04d}_{k:02d}"
+            row = train.meta.iloc[sel[0]]
+            out.append((Case(cid, image, label, spacing, affine), {**row.to_dict(), "source_case": case}))
     return out
 
 
-def _synthetic_cases(synth: SliceSet) -> list[tuple[Case, dict[str, Any]]]:
+def synthetic_cases(synth: SliceSet, default_spacing_mm: float = 1.0) -> list[tuple[Case, dict[str, Any]]]:
+    """One (H, W, 1) case per synthetic slice, with the geometry of the label slice it was made from (its
+    ``record``); slices without a record get the writer's default geometry."""
     out = []
     for i in range(len(synth)):
         row = synth.meta.iloc[i]
-        sp = slice_spacing(row["record"])
-        case = Case(str(row["subject_id"]), synth.images[i, 0][..., None], synth.labels[i][..., None], sp)
+        affine, spacing = slice_affine(row["record"], default_spacing_mm)
+        case = Case(str(row["subject_id"]), synth.images[i, 0][..., None], synth.labels[i][..., None], spacing, affine)
         out.append((case, row.to_dict()))
     return out
 
@@ -133,10 +143,11 @@ def write_run_outputs(
     if real_domain is not None:
         column, value = real_domain
         train = train.subset((train.meta[column].astype(str).str.strip().str.lower() == value).to_numpy())
-    cases = _real_cases(train)
+    default_spacing = _default_spacing(config)
+    cases = real_cases(train, default_spacing)
     for rec in synth_records:
         if rec.get("has_labels"):
-            cases += _synthetic_cases(SliceSet.load(artefact(rec)))
+            cases += synthetic_cases(SliceSet.load(artefact(rec)), default_spacing)
         else:
             log.info("synthetic set %s has no labels: kept out of the segmentation dataset", rec["name"])
     modality = str(train.meta["modality"].iloc[0]) if len(train) else "MR"
@@ -153,29 +164,16 @@ def write_run_outputs(
         rows = []
         for case, meta in cases:
             img = f"imagesTr/{case.case_id}_0000.nii.gz"
-            rows.append(
-                {
-                    "subject_id": meta.get("subject_id", case.case_id),
-                    "image": img,
-                    "label": f"labelsTr/{case.case_id}.nii.gz",
-                    "dataset": meta.get("dataset", ""),
-                    "modality": meta.get("modality", ""),
-                    "vendor": meta.get("vendor", ""),
-                    "phase": meta.get("phase", "none"),
-                    "pathology": meta.get("pathology", ""),
-                    "label_map": label_map,
-                    "spacing": spacing_to_str(case.spacing),
-                    "shape": shape_to_str(case.image.shape),
-                    "split": "train",
-                    "sha256": sha256_file(tmp / "dataset" / img),
-                    "source": meta.get("source") or "real",
-                    "family": meta.get("family", ""),
-                    "model_hash": meta.get("model_hash", ""),
-                    "seed": meta.get("seed", ""),
-                    "source_case": meta.get("source_case", ""),
-                    "config_hash": config_hash,
-                }
-            )
+            shape, spacing = canonical_shape_spacing(case.image.shape, case.world_affine())
+            files = {
+                "image": img,
+                "label": f"labelsTr/{case.case_id}.nii.gz",
+                "spacing": spacing_to_str(spacing),
+                "shape": shape_to_str(shape),
+                "sha256": sha256_file(tmp / "dataset" / img),
+            }
+            fixed = {"label_map": label_map, "split": "train", "config_hash": config_hash}
+            rows.append(manifest_row({"subject_id": case.case_id, **meta}, files, keep_extra=False, **fixed))
         write_manifest(pd.DataFrame(rows), tmp / "manifest.csv", data_root=tmp / "dataset")
         # the header records "dataset" relative to the manifest: still right after the rename
         write_common_outputs(tmp, config, metric_tables, report_md, figures)

@@ -4,23 +4,88 @@
 config dicts) into a key, and builds into ``<work>/<name>/<key>/`` through an atomic directory. A stage
 that finished before is recognised by its ``done.json`` and not run again — the artefacts on disk are the
 cache, so a rerun after a crash resumes at the first unfinished stage whatever the orchestrator.
+
+Input files are part of the key: :func:`file_hashes` gives their content hashes, re-hashing a file only when
+its size or mtime changed since the last run (a small JSON cache ``<work>/file_hashes.json``, never pickle).
+
+Test hook: ``MEDSYNTH_FAULT_AT=<stage name>`` makes :func:`run_stage` kill its own process with SIGKILL
+right after building that stage (before it is renamed into place), to test recovery from ``kill -9``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from medsynth import __version__
-from medsynth.utils.atomic import atomic_dir
-from medsynth.utils.hashing import sha256_json
+from medsynth.utils.atomic import atomic_dir, atomic_file
+from medsynth.utils.hashing import sha256_json, sha256_path
 
 log = logging.getLogger(__name__)
 
 DONE = "done.json"
+HASH_CACHE = "file_hashes.json"
+FAULT_ENV = "MEDSYNTH_FAULT_AT"
+_hash_lock = threading.Lock()
+
+
+def _stat_key(path: Path) -> list[int]:
+    """Size and mtime (ns) of a file, or of every file in a folder (summed sizes, latest mtime, count)."""
+    if not path.is_dir():
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns, 1]
+    stats = [p.stat() for p in path.rglob("*") if p.is_file()]
+    return [sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0), len(stats)]
+
+
+def _read_cache(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a damaged cache only costs re-hashing
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def file_hashes(paths: Iterable[str | Path], work: str | Path | None = None) -> dict[str, str]:
+    """``{path: sha256}`` of files (or DICOM folders); a file whose size and mtime match the JSON cache in
+    ``work`` is not read again. Paths are given back as passed."""
+    cache_path = Path(work) / HASH_CACHE if work is not None else None
+    with _hash_lock:
+        cache = _read_cache(cache_path)
+        out: dict[str, str] = {}
+        changed = False
+        for p in paths:
+            real = os.path.realpath(p)
+            key = _stat_key(Path(real))
+            hit = cache.get(real)
+            if isinstance(hit, dict) and hit.get("stat") == key and isinstance(hit.get("sha256"), str):
+                out[str(p)] = hit["sha256"]
+                continue
+            digest = sha256_path(real)
+            cache[real] = {"stat": key, "sha256": digest}
+            out[str(p)] = digest
+            changed = True
+        if changed and cache_path is not None:
+            with contextlib.suppress(OSError):  # the cache is an optimisation; a read-only work dir is fine
+                merged = {**_read_cache(cache_path), **cache}
+                with atomic_file(cache_path) as tmp:
+                    tmp.write_text(json.dumps(merged, sort_keys=True), encoding="utf-8")
+    return out
+
+
+def _fault_point(name: str) -> None:
+    """Test hook (see module docstring): die like ``kill -9`` when ``MEDSYNTH_FAULT_AT`` names this stage."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def stage_key(name: str, inputs: dict[str, Any]) -> str:
@@ -60,6 +125,7 @@ def run_stage(
         record = {**record, "stage": name, "key": out.name, "dir": str(out.resolve())}
         (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str), encoding="utf-8")
         (tmp / DONE).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        _fault_point(name)
     log.info("stage %s: built %s", name, out)
     return {**record, "cached": False}
 

@@ -15,6 +15,11 @@ prior NLL ``½ z² + ½ log 2π`` of every latent, placed back on the pixel grid
 neighbours), so its NLL is spread evenly over that block. The map sums to the prior part of the NLL; the
 log-determinant (a global volume term) is left out. Block-accurate, cheaper and less noisy than input
 gradients.
+
+Training, device, seeding, EMA and state come from :class:`~medsynth.models.torch_family.TorchFamily` (one
+step ``"loss"`` = dequantised bits/dim; gradient norm clipped at ``grad_clip``, formerly ``clip_grad``, which is
+still accepted). Arrays: images (N, 1, H, W) float32 on the SliceSet intensity scale, score maps (N, H, W)
+float32 in nats per pixel, slice scores in bits/dim; all returned as CPU numpy whatever ``device``.
 """
 
 from __future__ import annotations
@@ -26,15 +31,16 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import AliasChoices, Field, model_validator
+from torch import nn
 
-from medsynth.config import StrictModel
+from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
-from medsynth.models.base import AnomalyScores, GenerativeModel, Samples
+from medsynth.models.base import AnomalyScores, Sampler, Samples, Scorer
 from medsynth.models.flow.layers import Glow, gaussian_nll
 from medsynth.models.latent.common import check_slices, maps_to_size, to_size
-from medsynth.models.training import train_loop
-from medsynth.utils.seeding import exclusive_global_rng, seed_everything
+from medsynth.models.torch_family import TorchConfig, TorchFamily
+from medsynth.utils.seeding import exclusive_global_rng
 
 BINS = 256.0
 OFFSET = 0.5  # centre the [0, 1] bulk of the intensities
@@ -45,42 +51,56 @@ def bits_per_dim(nll_nats: torch.Tensor | np.ndarray, dims: int) -> torch.Tensor
     return (nll_nats + dims * math.log(BINS)) / (dims * math.log(2))
 
 
-class FlowConfig(StrictModel):
+class FlowConfig(TorchConfig):
+    """Glow keys plus the shared torch keys (steps 1500, batch_size 32; here lr 5e-4, grad_clip 50)."""
+
     image_size: int = Field(64, ge=2, description="working size (square); slices are downsampled to it")
     levels: int = Field(3, ge=1, description="multi-scale levels (squeeze + steps + split)")
     depth: int = Field(4, ge=1, description="flow steps per level")
     hidden: int = Field(64, ge=2, description="channels of the coupling networks")
-    steps: int = Field(1500, ge=0)
-    batch_size: int = Field(32, ge=1)
     lr: float = Field(5e-4, gt=0)
-    clip_grad: float = Field(50.0, gt=0)
+    grad_clip: float | None = Field(
+        50.0, gt=0, validation_alias=AliasChoices("grad_clip", "clip_grad"), description="max gradient norm"
+    )
     temperature: float = Field(0.8, gt=0, description="latent std when sampling (Glow's reduced temperature)")
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = Field(200, ge=0)
-    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> FlowConfig:
+        if self.image_size % (2**self.levels):
+            raise KeyProblem("image_size", f"image_size: {self.image_size} is not divisible by 2**levels")
+        return self
 
 
-class FlowModel(GenerativeModel):
+class FlowModel(TorchFamily, Sampler, Scorer):
     """Glow-style normalizing flow; unconditional; exact likelihood; scores by NLL."""
 
     family: ClassVar[str] = "flow"
     Config: ClassVar[type[StrictModel]] = FlowConfig
     conditional: ClassVar[bool] = False
-    capabilities: ClassVar[frozenset[str]] = frozenset({"score"})
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        return {"image_size": 16, "levels": 2, "depth": 1, "hidden": 8, "steps": 3, "batch_size": 4, "progress": False}
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
-        if self.config.image_size % (2**self.config.levels):
-            raise ValueError(f"image_size: {self.config.image_size} is not divisible by 2**levels")
-        self.net: Glow | None = None
         self.native: tuple[int, int] = (self.config.image_size, self.config.image_size)
+
+    @property
+    def net(self) -> Glow | None:
+        """The flow as used now: trained weights while training, EMA weights after (when enabled)."""
+        return self.module("net") if self.nets else None
 
     def _build(self, seed: int = 0) -> Glow:
         cfg = self.config
         return Glow(1, cfg.image_size, cfg.levels, cfg.depth, cfg.hidden, seed=seed)
 
+    def build_modules(self) -> dict[str, nn.Module]:
+        return {"net": self._build()}
+
     def _prep(self, slices: SliceSet) -> torch.Tensor:
-        return torch.from_numpy(to_size(slices.images, self.config.image_size)) - OFFSET
+        """Centred working-size slices (N, 1, s, s) on the device."""
+        return self.tensor(to_size(slices.images, self.config.image_size)) - OFFSET
 
     def nll(self, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Exact continuous NLL (nats per slice) of centred working-size slices y (N, 1, s, s), and the latents."""
@@ -93,16 +113,16 @@ class FlowModel(GenerativeModel):
     def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
         check_slices(train, self.family)
         cfg = self.config
-        seed_everything(seed)
-        self.net = self._build(seed)
+        self.begin_fit(seed)
+        self.set_modules({"net": self._build(seed)})
         self.native = train.image_size
         data = self._prep(train)
         dims = data[0].numel()
         # Data-dependent ActNorm init on a fixed batch (before the optimiser touches anything).
-        self.net.train()
+        net = self.nets["net"]
+        net.train()
         with torch.no_grad():
-            self.net(data[: min(len(data), 256)])
-        opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+            net(data[: min(len(data), 256)])
 
         def loss_fn(batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
             y = batch + torch.rand_like(batch) / BINS  # uniform dequantisation
@@ -111,16 +131,11 @@ class FlowModel(GenerativeModel):
             return bpd, {"bits_per_dim": float(bpd.detach())}
 
         t0 = time.perf_counter()
-        res = train_loop(
-            self.net, opt, data, loss_fn, cfg.steps, cfg.batch_size, seed=seed, checkpoint_dir=cfg.checkpoint_dir,
-            checkpoint_every=cfg.checkpoint_every, desc="fit flow", progress=cfg.progress, clip_grad=cfg.clip_grad,
-        )  # fmt: skip
+        res = self.train_steps([self.make_step("loss", net.parameters(), loss_fn, [net])], data, seed)
         elapsed = time.perf_counter() - t0
-        self.net.eval()
         self.fitted = True
         report: dict[str, Any] = {
-            "family": self.family,
-            **res.report(len(train), cfg.batch_size, elapsed),
+            **self.fit_report(res, len(train), elapsed),
             "image_size": cfg.image_size,
             "train_bits_per_dim": float(np.mean(self.bits_per_dim(train))),
         }
@@ -133,7 +148,7 @@ class FlowModel(GenerativeModel):
         """Exact held-out NLL per slice in bits/dim (at the working size)."""
         self._require_fitted()
         y = self._prep(slices)
-        return np.concatenate([bits_per_dim(self.nll(b)[0], b[0].numel()).numpy() for b in y.split(64)])
+        return np.concatenate([self.numpy(bits_per_dim(self.nll(b)[0], b[0].numel())) for b in y.split(64)])
 
     # ---- contract ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -145,8 +160,9 @@ class FlowModel(GenerativeModel):
             return Samples(images=np.zeros((0, 1, *self.native), np.float32), labels=None)
         g = torch.Generator().manual_seed(seed)
         shapes = self.net.latent_shapes(1, self.config.image_size)
-        zs = [torch.randn((n, *s), generator=g) * self.config.temperature for s in shapes]
-        x = (self.net.reverse(zs) + OFFSET)[:, 0].numpy()
+        # drawn on the CPU generator, then moved: the same latents on any device
+        zs = [self.tensor(torch.randn((n, *s), generator=g)) * self.config.temperature for s in shapes]
+        x = self.numpy((self.net.reverse(zs) + OFFSET)[:, 0])
         return Samples(images=maps_to_size(x, self.native)[:, None].astype(np.float32), labels=None)
 
     @torch.no_grad()
@@ -158,25 +174,26 @@ class FlowModel(GenerativeModel):
         scores, maps = [], []
         for b in y.split(64):
             nll, zs = self.nll(b)
-            scores.append(bits_per_dim(nll, b[0].numel()).numpy())
-            m = torch.zeros(len(b), 1, s, s)
+            scores.append(self.numpy(bits_per_dim(nll, b[0].numel())))
+            m = torch.zeros(len(b), 1, s, s, device=b.device)
             for z in zs:
                 e = gaussian_nll(z).sum(1, keepdim=True)
                 f = s // z.shape[-1]
                 m += F.interpolate(e, scale_factor=f, mode="nearest") / (f * f)
-            maps.append(m[:, 0].numpy())
+            maps.append(self.numpy(m[:, 0]))
         return AnomalyScores(
             slice_scores=np.concatenate(scores).astype(np.float64),
             pixel_maps=maps_to_size(np.concatenate(maps), slices.image_size),
         )
 
-    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        self._require_fitted()
-        return {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}, {"native": list(self.native)}
+    # ---- state beside the weights (``net.*`` / ``ema.net.*`` come from TorchFamily) -----------------------
+    def extra_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return {}, {"native": list(self.native)}
+
+    def load_extra_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.native = (int(meta["native"][0]), int(meta["native"][1]))
 
     def set_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        self.net = self._build()
-        self.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
-        self.net.eval()
-        self.native = (int(meta["native"][0]), int(meta["native"][1]))
-        self.fitted = True
+        if arrays and not any(k.startswith("net.") for k in arrays):
+            arrays = {f"net.{k}": v for k, v in arrays.items()}  # saved before TorchFamily: unprefixed Glow keys
+        super().set_state(arrays, meta)

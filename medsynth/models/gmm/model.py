@@ -41,14 +41,16 @@ import os
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
 from scipy import ndimage
 from sklearn.mixture import GaussianMixture
 
 from medsynth.config import StrictModel
 from medsynth.data.slices import SliceSet
-from medsynth.errors import MedsynthError
+from medsynth.errors import CapabilityError, LabelError, MedsynthError
 from medsynth.labels import BACKGROUND, CANONICAL, LV, MVO, MYO, MYOCARDIAL_WALL, N_CLASSES, RV, SCAR
-from medsynth.models.base import AnomalyScores, GenerativeModel, Samples
+from medsynth.models.base import AnomalyScores, ContextSampler, GenerativeModel, Sampler, Samples, ScarInserter, Scorer
+from medsynth.models.latent.common import check_slices
 from medsynth.synthesis.degrade import DegradeConfig, RandomDegrade, apply_degrade
 from medsynth.synthesis.labels_to_image import LabelsToImage, gmm_logpdf, quantile_table, tissue_wasserstein
 from medsynth.synthesis.partition import attach_partition, bank_indices, extend_labels, match_bank, partition_slices
@@ -73,42 +75,39 @@ _MIN_SD = 1e-3
 class GMMConfig(StrictModel):
     """Configuration of the ``gmm`` family."""
 
-    n_components: int = 3  # mixture components per tissue class (standardised intensities)
+    n_components: int = Field(3, ge=1)  # mixture components per tissue class (standardised intensities)
     per_vendor: bool = True  # one group per (contrast, vendor) when the manifest names vendors
-    min_pixels: int = 20  # a subject "has" a class with at least this many pixels
-    interior_erosion: int = 1  # px: tissue statistics from pixels this far inside their region (PV-free)
-    max_pixels_per_class: int = 40000  # pixels per class and group used by EM (subsampled)
-    shrinkage: float = 0.2  # population covariance shrinkage towards its diagonal (few subjects)
-    population_scale: float = 1.0  # multiplies the population spread when sampling (0 = mean subject)
+    min_pixels: int = Field(20, ge=1)  # a subject "has" a class with at least this many pixels
+    interior_erosion: int = Field(1, ge=0)  # px: tissue statistics from pixels this far inside their region
+    max_pixels_per_class: int = Field(40000, ge=1)  # pixels per class and group used by EM (subsampled)
+    shrinkage: float = Field(0.2, ge=0, le=1)  # population covariance shrinkage towards its diagonal
+    population_scale: float = Field(1.0, ge=0)  # multiplies the population spread when sampling (0 = mean)
     sample_group: str | None = None  # e.g. "lge" / "lge/siemens"; None = draw groups by training frequency
     texture: Literal["correlated", "white"] = "correlated"  # "white": faster, no spatially correlated texture
     # Everything outside the heart labels: "partition" renders unsupervised surroundings classes (outside the
     # body, lung, body wall, liver, vessels; :mod:`medsynth.synthesis.partition`) each with fitted statistics;
     # "field" one random field for the whole background (the earlier behaviour).
     surroundings: Literal["partition", "field"] = "partition"
-    surroundings_classes: int = 5  # outside the body + 4 body classes (5 measured better than 7 on ACDC)
-    partition_bank: int = 256  # training partitions kept in the model (uint8) and attached to new label maps
-    partition_match: int = 5  # a new map gets one of the bank partitions whose hearts overlap its heart best
+    surroundings_classes: int = Field(5, ge=2)  # outside the body + 4 body classes (5 measured better than 7)
+    partition_bank: int = Field(256, ge=1)  # training partitions kept in the model (uint8), attached to new maps
+    partition_match: int = Field(5, ge=1)  # a new map gets one of the bank partitions whose hearts match best
     degrade: DegradeConfig = DegradeConfig()
-    score_prior_strength: float = 2.0  # pseudo-count of the Beta prior on the per-slice scar fraction
+    score_prior_strength: float = Field(2.0, ge=0)  # pseudo-count of the Beta prior on the per-slice scar fraction
 
 
-class GMMModel(GenerativeModel):
+class GMMModel(GenerativeModel, Sampler, ContextSampler, Scorer, ScarInserter):
     """Label-conditioned tissue-intensity model (see module docstring)."""
 
     family: ClassVar[str] = "gmm"
     Config: ClassVar[type[StrictModel]] = GMMConfig
     conditional: ClassVar[bool] = True
-    capabilities: ClassVar[frozenset[str]] = frozenset({"score", "context", "scar"})
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        return {"n_components": 2, "max_pixels_per_class": 2000}
 
     def __init__(self, config: StrictModel | dict[str, Any] | None = None) -> None:
         super().__init__(config)
-        if self.config.n_components < 1:
-            raise ValueError("n_components: must be >= 1")
-        if self.config.surroundings_classes < 2:
-            raise ValueError("surroundings_classes: must be >= 2 (outside the body + one body class)")
-        if self.config.partition_bank < 1 or self.config.partition_match < 1:
-            raise ValueError("partition_bank / partition_match: must be >= 1")
         self.groups: list[str] = []
         self.arrays: dict[str, np.ndarray] = {}
         self.scar_model: ScarModel | None = None
@@ -124,8 +123,7 @@ class GMMModel(GenerativeModel):
         return f"{modality}/{vendor}" if self.config.per_vendor and vendor and vendor != "unknown" else modality
 
     def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
-        if len(train) == 0:
-            raise MedsynthError("gmm: the training set is empty")
+        check_slices(train, self.family)  # empty or non-finite input: the same error as every family
         rng = make_rng(seed)
         pairs = zip(train.meta["modality"], train.meta["vendor"], strict=True)
         keys = np.array([self.group_key(m, v) for m, v in pairs])
@@ -410,29 +408,26 @@ class GMMModel(GenerativeModel):
             mean[rows], logsd[rows] = m, ls
         return gidx.astype(np.intp), mean, np.maximum(np.exp(logsd), _MIN_SD)
 
-    def sample(
-        self,
-        n: int,
-        labels: np.ndarray | None = None,
-        seed: int = 0,
-        group: str | None = None,
-        context: np.ndarray | None = None,
-    ) -> Samples:
-        """Images (n, 1, H, W) for canonical ``labels`` (n, H, W); ``group`` overrides ``sample_group``.
+    def sample(self, n: int, labels: np.ndarray | None = None, seed: int = 0) -> Samples:
+        """Images (n, 1, H, W) for canonical ``labels`` (n, H, W), tissue groups drawn as ``sample_group`` says."""
+        return self._render(n, labels, seed, None)
 
-        ``context`` (n, 1, H, W), real images aligned with ``labels``: their surroundings (label 0) are kept and
-        only the heart is synthesised, blended over a partial-volume-wide border (capability ``"context"``).
-        """
+    def sample_in_context(self, labels: np.ndarray, context: np.ndarray, seed: int = 0) -> Samples:
+        """As :meth:`sample`, but the surroundings (label 0) of ``context`` (n, 1, H, W), real images aligned
+        with ``labels``, are kept and only the heart is synthesised, blended over a partial-volume-wide border."""
+        return self._render(len(labels) if labels is not None else 0, labels, seed, context)
+
+    def _render(self, n: int, labels: np.ndarray | None, seed: int, context: np.ndarray | None) -> Samples:
         self._require_fitted()
         if labels is None:
-            raise MedsynthError("gmm: sampling is label-conditioned; pass label maps (n, H, W)")
+            raise LabelError(f"{self.family}: a conditional family needs label maps (labels=(n, H, W))")
         labels = np.asarray(labels)
         if labels.ndim != 3 or labels.shape[0] != n:
-            raise ValueError(f"labels: expected ({n}, H, W), got {labels.shape}")
+            raise LabelError(f"{self.family}: labels must be (n={n}, H, W), got {labels.shape}")
         # a private uint8 copy: the returned labels must not alias the caller's array
         labels = labels.astype(np.uint8, copy=True)
         rng = make_rng(seed)
-        gidx, mean, sd = self.sample_tissue_params(n, rng, group)
+        gidx, mean, sd = self.sample_tissue_params(n, rng)
         degrade = RandomDegrade(self.config.degrade)
 
         def post(images: np.ndarray, chunk_rng: np.random.Generator) -> np.ndarray:
@@ -485,7 +480,7 @@ class GMMModel(GenerativeModel):
 
         self._require_fitted()
         if self.scar_model is None:
-            raise MedsynthError("gmm: this model has no scar model (fit on LGE slices with scar labels)")
+            raise CapabilityError(self.family, "scar", "this model has no scar model (fit on LGE with scar labels)")
         if images.ndim != 4 or images.shape[1] != 1 or labels.shape != (images.shape[0], *images.shape[2:]):
             raise ValueError(f"images/labels: expected (n, 1, H, W) and (n, H, W), got {images.shape}, {labels.shape}")
         rng = make_rng(seed)
@@ -506,7 +501,7 @@ class GMMModel(GenerativeModel):
         """
         self._require_fitted()
         if not self.score_params:
-            raise MedsynthError("gmm: this model has no scar parameters (fit on LGE slices with scar labels)")
+            raise CapabilityError(self.family, "score", "this model has no scar model (fit on LGE with scar labels)")
         n = len(slices)
         maps = np.zeros(slices.labels.shape, dtype=np.float32)
         scores = np.zeros(n)
@@ -516,7 +511,8 @@ class GMMModel(GenerativeModel):
                 maps[i] = post
                 wall = np.isin(slices.labels[i], MYOCARDIAL_WALL)
                 scores[i] = float(post[wall].mean())
-        return AnomalyScores(scores, maps)
+        # the maps are posterior probabilities: calibrated, a pixel is scar above 0.5
+        return AnomalyScores(scores, maps, pixel_threshold=0.5)
 
     def scar_posterior(self, image: np.ndarray, label: np.ndarray, n_iter: int = 20) -> np.ndarray | None:
         """(H, W) scar posterior inside the wall (0 elsewhere); ``None`` without wall."""

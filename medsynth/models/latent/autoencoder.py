@@ -23,6 +23,13 @@ ELBO, which ``fit`` reports on held-out data in nats per slice and bits/dim (1/2
 Unconditional sampling: VAE draws ``z ~ N(0, I)``; AE and DAE draw ``z`` from a full-covariance Gaussian fitted
 to the training codes (an AE has no prior of its own).
 
+Training, device, seeding, EMA and state come from :class:`~medsynth.models.torch_family.TorchFamily` (one
+optimiser step ``"loss"`` per iteration; the report's ``loss_*`` are that loss per pixel). With ``ema_decay`` set,
+sampling, scoring and the AE code Gaussian use the EMA weights.
+
+Arrays: images (N, 1, H, W) float32 on the SliceSet intensity scale (p1 → 0, p99 → 1); labels (N, H, W) uint8
+canonical codes; score maps (N, H, W) float32 in intensity units; all returned as CPU numpy whatever ``device``.
+
 Anomaly ``score``: reconstruction error. Pixel map ``|x − x̂|`` (x̂ from the posterior mean); slice score the mean
 squared error over the whole slice. Maps are not restricted to the myocardium here; the evaluation
 (:mod:`medsynth.evaluation.anomaly`) restricts pixel metrics to the LV wall. The cVAE reconstructs from the
@@ -41,35 +48,41 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.nets import VarAutoEncoder
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
-from medsynth.config import StrictModel
+from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
 from medsynth.errors import LabelError
 from medsynth.labels import MVO, MYO, N_CLASSES, SCAR
-from medsynth.models.base import AnomalyScores, GenerativeModel, Samples
+from medsynth.models.base import AnomalyScores, Sampler, Samples, Scorer
 from medsynth.models.latent.common import check_slices, labels_to_size, maps_to_size, one_hot, to_size
-from medsynth.models.training import train_loop
-from medsynth.utils.seeding import exclusive_global_rng, seed_everything
+from medsynth.models.torch_family import TorchConfig, TorchFamily
+from medsynth.utils.seeding import exclusive_global_rng
 
 log = logging.getLogger(__name__)
 LOG_BIN = math.log(256.0)
 
 
-class AEConfig(StrictModel):
+class AEConfig(TorchConfig):
+    """AE keys plus the shared torch keys (steps 1500, batch_size 32, lr 1e-3, device, EMA, schedule, …)."""
+
     image_size: int = Field(64, ge=8, description="working size (square), must be divisible by prod(strides)")
     latent_size: int = Field(32, ge=1)
     channels: tuple[int, ...] = Field((16, 32, 64), min_length=1)
     strides: tuple[int, ...] = Field((2, 2, 2), min_length=1)
-    steps: int = Field(1500, ge=0, description="optimizer steps")
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
     recon_loss: Literal["l2", "l1"] = "l2"
     recon_scale: float = Field(0.1, gt=0, description="σ (L2, Gaussian) or b (L1, Laplace) of the decoder")
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = Field(200, ge=0)
-    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> AEConfig:
+        if len(self.channels) != len(self.strides):
+            lengths = f"{len(self.channels)} vs {len(self.strides)}"
+            raise KeyProblem("strides", f"channels/strides: lengths differ ({lengths})")
+        factor = int(np.prod(self.strides))
+        if self.image_size % factor:
+            raise KeyProblem("image_size", f"image_size: {self.image_size} is not divisible by prod(strides)={factor}")
+        return self
 
 
 class DAEConfig(AEConfig):
@@ -124,28 +137,38 @@ class CondVAENet(nn.Module):
         return self.head(torch.cat([h, cond], dim=1))
 
 
-class AEModel(GenerativeModel):
+class AEModel(TorchFamily, Sampler, Scorer):
     """Deterministic autoencoder (MONAI VarAutoEncoder, mean head only); scores by reconstruction error."""
 
     family: ClassVar[str] = "ae"
     Config: ClassVar[type[StrictModel]] = AEConfig
     conditional: ClassVar[bool] = False
-    capabilities: ClassVar[frozenset[str]] = frozenset({"score"})
     variational: ClassVar[bool] = False
+    ema_modules: ClassVar[tuple[str, ...] | None] = ("net",)
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        return {
+            "image_size": 16, "latent_size": 4, "channels": (4, 8), "strides": (2, 2), "steps": 3, "batch_size": 4,
+            "progress": False,
+        }  # fmt: skip
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
         cfg = self.config
-        if len(cfg.channels) != len(cfg.strides):
-            raise ValueError(f"channels/strides: lengths differ ({len(cfg.channels)} vs {len(cfg.strides)})")
-        if cfg.image_size % int(np.prod(cfg.strides)):
-            raise ValueError(f"image_size: {cfg.image_size} is not divisible by prod(strides)={np.prod(cfg.strides)}")
-        self.net: nn.Module | None = None
         self.native: tuple[int, int] = (cfg.image_size, cfg.image_size)
         self.code_mean: np.ndarray | None = None  # AE/DAE: Gaussian over training codes
         self.code_chol: np.ndarray | None = None
 
     # ---- network -------------------------------------------------------------------------------------
+    @property
+    def net(self) -> nn.Module | None:
+        """The network as used now: trained weights while training, EMA weights after (when enabled)."""
+        return self.module("net") if self.nets else None
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        return {"net": self._build()}
+
     def _build(self) -> nn.Module:
         cfg = self.config
         return VarAutoEncoder(
@@ -159,8 +182,8 @@ class AEModel(GenerativeModel):
         )
 
     def _inputs(self, slices: SliceSet) -> torch.Tensor:
-        """(N, 1[+1], s, s) training tensor; the cVAE appends its label map as a second channel."""
-        return torch.from_numpy(to_size(slices.images, self.config.image_size))
+        """(N, 1[+1], s, s) tensor on the device; the cVAE appends its label map as a second channel."""
+        return self.tensor(to_size(slices.images, self.config.image_size))
 
     def _encode(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net.encode_forward(batch[:, :1])
@@ -184,11 +207,10 @@ class AEModel(GenerativeModel):
     def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
         check_slices(train, self.family)
         cfg = self.config
-        seed_everything(seed)
-        self.net = self._build()
+        self.begin_fit(seed)
+        self.set_modules(self.build_modules())
         self.native = train.image_size
         data = self._inputs(train)
-        opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         d = cfg.image_size**2
 
         def loss_fn(batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -200,18 +222,16 @@ class AEModel(GenerativeModel):
                 kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
                 beta = cfg.beta * (min(1.0, (step + 1) / cfg.kl_anneal_steps) if cfg.kl_anneal_steps else 1.0)
             else:
-                z, kl, beta = mu, torch.zeros(len(mu)), 0.0
+                z, kl, beta = mu, torch.zeros(len(mu), device=mu.device), 0.0
             rec = self._recon_nll(x, self._decode(z, batch))
             loss = (rec + beta * kl).mean() / d
             return loss, {"recon_nll": float(rec.detach().mean()), "kl": float(kl.detach().mean()), "beta": beta}
 
+        net = self.nets["net"]
+        step = self.make_step("loss", net.parameters(), loss_fn, [net])
         t0 = time.perf_counter()
-        res = train_loop(
-            self.net, opt, data, loss_fn, cfg.steps, cfg.batch_size, seed=seed, checkpoint_dir=cfg.checkpoint_dir,
-            checkpoint_every=cfg.checkpoint_every, desc=f"fit {self.family}", progress=cfg.progress,
-        )  # fmt: skip
+        res = self.train_steps([step], data, seed)
         elapsed = time.perf_counter() - t0
-        self.net.eval()
         if not self.variational:
             codes = self._codes(data).astype(np.float64)
             self.code_mean = codes.mean(0).astype(np.float32)
@@ -219,18 +239,14 @@ class AEModel(GenerativeModel):
             cov = cov + 1e-4 * np.eye(len(cov))
             self.code_chol = np.linalg.cholesky(cov).astype(np.float32)
         self.fitted = True
-        report: dict[str, Any] = {
-            "family": self.family,
-            **res.report(len(train), cfg.batch_size, elapsed),
-            **{f"last_{k}": v for k, v in res.logs.items()},
-        }
+        report = self.fit_report(res, len(train), elapsed)
         if val is not None and len(val):
             report.update(self.evaluate(val))
         return report
 
     @torch.no_grad()
     def _codes(self, data: torch.Tensor) -> np.ndarray:
-        return torch.cat([self._encode(b)[0] for b in data.split(64)]).numpy()
+        return self.numpy(torch.cat([self._encode(b)[0] for b in data.split(64)]))
 
     @torch.no_grad()
     def _reconstruct(self, data: torch.Tensor) -> torch.Tensor:
@@ -250,7 +266,7 @@ class AEModel(GenerativeModel):
             elbos = []
             for b in data.split(64):
                 mu, logvar = self._encode(b)
-                z = mu + torch.randn(mu.shape, generator=g) * torch.exp(0.5 * logvar)
+                z = mu + torch.randn(mu.shape, generator=g).to(mu.device) * torch.exp(0.5 * logvar)
                 kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
                 elbos.append(-(self._recon_nll(b[:, :1], self._decode(z, b)) + kl))
             elbo = torch.cat(elbos)
@@ -269,10 +285,10 @@ class AEModel(GenerativeModel):
         if n < 0:
             raise ValueError(f"n: must be >= 0, got {n}")
         g = torch.Generator().manual_seed(seed)
-        eps = torch.randn((n, self.config.latent_size), generator=g)
+        eps = self.tensor(torch.randn((n, self.config.latent_size), generator=g))  # CPU draw: same on any device
         if not self.variational:
-            eps = torch.from_numpy(self.code_mean) + eps @ torch.from_numpy(self.code_chol).T
-        x = self._decode(eps, None).numpy() if n else np.zeros((0, 1, *self.native), np.float32)
+            eps = self.tensor(self.code_mean) + eps @ self.tensor(self.code_chol).T
+        x = self.numpy(self._decode(eps, None)) if n else np.zeros((0, 1, *self.native), np.float32)
         images = maps_to_size(x[:, 0], self.native)[:, None] if n else x
         return Samples(images=images.astype(np.float32), labels=None)
 
@@ -281,27 +297,23 @@ class AEModel(GenerativeModel):
         """Reconstruction error: slice score = MSE over the slice; pixel map = |x − x̂| at the input size."""
         self._require_fitted()
         data = self._score_inputs(slices)
-        err = (self._reconstruct(data) - data[:, :1])[:, 0].numpy()
+        err = self.numpy((self._reconstruct(data) - data[:, :1])[:, 0])
         return AnomalyScores(
             slice_scores=(err**2).reshape(len(err), -1).mean(1).astype(np.float64),
             pixel_maps=maps_to_size(np.abs(err), slices.image_size),
         )
 
-    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        self._require_fitted()
-        arrays = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
+    # ---- state beside the weights (``net.*`` / ``ema.net.*`` come from TorchFamily) -----------------------
+    def extra_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {}
         if self.code_mean is not None:
             arrays["code_mean"], arrays["code_chol"] = self.code_mean, self.code_chol
         return arrays, {"native": list(self.native)}
 
-    def set_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        self.net = self._build()
-        self.net.load_state_dict({k[4:]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k[:4] == "net."})
-        self.net.eval()
+    def load_extra_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self.code_mean = arrays.get("code_mean")
         self.code_chol = arrays.get("code_chol")
         self.native = (int(meta["native"][0]), int(meta["native"][1]))
-        self.fitted = True
 
 
 class DAEModel(AEModel):
@@ -316,7 +328,7 @@ class DAEModel(AEModel):
             return x
         if cfg.noise_res is None:
             return x + cfg.noise_std * torch.randn_like(x)
-        noise = torch.randn((len(x), 1, cfg.noise_res, cfg.noise_res))
+        noise = torch.randn((len(x), 1, cfg.noise_res, cfg.noise_res), device=x.device)
         return x + cfg.noise_std * F.interpolate(noise, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
@@ -340,8 +352,8 @@ class CVAEModel(VAEModel):
         return CondVAENet(cfg.image_size, cfg.latent_size, cfg.channels, cfg.strides, N_CLASSES)
 
     def _inputs(self, slices: SliceSet) -> torch.Tensor:
-        x = torch.from_numpy(to_size(slices.images, self.config.image_size))
-        lab = torch.from_numpy(labels_to_size(slices.labels, self.config.image_size).astype(np.float32))[:, None]
+        x = self.tensor(to_size(slices.images, self.config.image_size))
+        lab = self.tensor(labels_to_size(slices.labels, self.config.image_size).astype(np.float32))[:, None]
         return torch.cat([x, lab], dim=1)
 
     def _score_inputs(self, slices: SliceSet) -> torch.Tensor:
@@ -371,10 +383,10 @@ class CVAEModel(VAEModel):
         if labels.size and (labels.min() < 0 or labels.max() >= N_CLASSES):
             raise LabelError(f"{self.family}: labels hold codes outside 0..{N_CLASSES - 1}")
         g = torch.Generator().manual_seed(seed)
-        z = torch.randn((n, self.config.latent_size), generator=g)
+        z = self.tensor(torch.randn((n, self.config.latent_size), generator=g))
         small = labels_to_size(labels.astype(np.uint8), self.config.image_size)
-        batch = torch.from_numpy(small.astype(np.float32))[:, None]
+        batch = self.tensor(small.astype(np.float32))[:, None]
         batch = torch.cat([torch.zeros_like(batch), batch], dim=1)
-        x = self._decode(z, batch).numpy() if n else np.zeros((0, 1, *labels.shape[1:]), np.float32)
+        x = self.numpy(self._decode(z, batch)) if n else np.zeros((0, 1, *labels.shape[1:]), np.float32)
         images = maps_to_size(x[:, 0], labels.shape[1:])[:, None] if n else x
         return Samples(images=images.astype(np.float32), labels=labels.astype(np.uint8))

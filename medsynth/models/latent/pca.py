@@ -27,7 +27,7 @@ from pydantic import Field
 from medsynth.config import StrictModel
 from medsynth.data.slices import SliceSet
 from medsynth.errors import TrainingError
-from medsynth.models.base import AnomalyScores, GenerativeModel, Samples
+from medsynth.models.base import AnomalyScores, GenerativeModel, Sampler, Samples, Scorer
 from medsynth.models.latent.common import check_slices, maps_to_size, to_size
 from medsynth.utils.seeding import rng
 
@@ -39,13 +39,16 @@ class PCAConfig(StrictModel):
     image_size: int | None = Field(128, ge=4, description="working size (square); None keeps the native size")
 
 
-class PCAModel(GenerativeModel):
+class PCAModel(GenerativeModel, Sampler, Scorer):
     """Linear Gaussian image model (principal components). Unconditional; scores by reconstruction error."""
 
     family: ClassVar[str] = "pca"
     Config: ClassVar[type[StrictModel]] = PCAConfig
     conditional: ClassVar[bool] = False
-    capabilities: ClassVar[frozenset[str]] = frozenset({"score"})
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        return {"n_components": 3, "image_size": 16}
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)

@@ -27,7 +27,7 @@ from medsynth.config import StrictModel
 from medsynth.data.slices import SliceSet
 from medsynth.errors import TrainingError
 from medsynth.labels import LV, MYO, MYOCARDIAL_WALL, N_CLASSES, RV
-from medsynth.models.base import GenerativeModel, Samples
+from medsynth.models.base import GenerativeModel, Sampler, Samples
 from medsynth.models.latent.common import check_slices, labels_to_size
 from medsynth.utils.seeding import rng
 
@@ -78,13 +78,16 @@ def sdms_to_labels(sdms: np.ndarray) -> np.ndarray:
     return out
 
 
-class ShapeModel(GenerativeModel):
+class ShapeModel(GenerativeModel, Sampler):
     """PCA shape model of LV endocardium / epicardium / RV; samples plausible canonical label maps."""
 
     family: ClassVar[str] = "shape_pca"
     Config: ClassVar[type[StrictModel]] = ShapeConfig
     conditional: ClassVar[bool] = False
-    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        return {"n_components": 2, "image_size": 16}
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)

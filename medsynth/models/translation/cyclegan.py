@@ -5,8 +5,15 @@ for scanner A → B, ``dataset``, …); ``source`` → ``target`` is the forward
 (:mod:`medsynth.models.translation.networks`) and two MONAI ``PatchDiscriminator`` s are trained with the
 least-squares adversarial loss (MONAI ``PatchAdversarialLoss``), the cycle-consistency L1 loss (λ_cycle) and the
 identity L1 loss (λ_identity · λ_cycle) of Zhu et al. (ICCV 2017). Differences from the paper, for CPU budgets:
-small widths, no history pool of generated images, constant learning rate; the discriminators take their step
-before the generators within each iteration (on the same generated batch, detached).
+small widths, no history pool of generated images, constant learning rate by default (``lr_schedule: linear``
+gives the paper's decay); the discriminators take their step before the generators within each iteration (on
+the same generated batch, detached).
+
+Training runs in the one loop of :class:`~medsynth.models.torch_family.TorchFamily` as two optimiser steps per
+iteration — ``"discriminator"`` (both PatchGANs, Adam at ``disc_lr``, default ``lr``: TTUR when they differ)
+then ``"generator"`` (both generators) — on the fakes made once per iteration by a shared forward. Both
+optimisers, both discriminators and (with ``ema_decay``) the generators' EMA are checkpointed; only the
+generators (and their EMA) are saved with the model.
 
 Slices are resized to ``image_size`` × ``image_size`` for training and translation and the output is resized
 back to the input size, so fine detail above the working resolution is lost; raise ``image_size`` on a GPU.
@@ -26,22 +33,24 @@ import torch
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import PatchDiscriminator
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
-from medsynth.config import StrictModel
+from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
 from medsynth.errors import MedsynthError
-from medsynth.models.base import CapabilityError, GenerativeModel, Samples
+from medsynth.models.base import TranslationDomains, Translator
 from medsynth.models.latent.common import check_slices, maps_to_size, to_size
-from medsynth.models.training import batch_indices, train_loop
+from medsynth.models.torch_family import TorchConfig, TorchFamily
 from medsynth.models.translation.networks import ResnetGenerator
-from medsynth.utils.seeding import exclusive_global_rng, seed_everything
+from medsynth.utils.seeding import exclusive_global_rng
 
 log = logging.getLogger(__name__)
 
 
-class CycleGANConfig(StrictModel):
+class CycleGANConfig(TorchConfig):
+    """CycleGAN keys plus the shared torch keys (here steps 2000, batch_size 8, lr 2e-4)."""
+
     domain_key: str = Field("modality", description="slice metadata column whose values name the domains")
     source: str = Field("cine", description="domain translated from (forward direction)")
     target: str = Field("lge", description="domain translated to")
@@ -52,12 +61,21 @@ class CycleGANConfig(StrictModel):
     disc_layers: int = Field(3, ge=1)
     steps: int = Field(2000, ge=0)
     batch_size: int = Field(8, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-4, gt=0, description="generator learning rate")
+    disc_lr: float | None = Field(None, gt=0, description="discriminator learning rate (TTUR); null = lr")
     lambda_cycle: float = Field(10.0, ge=0)
     lambda_identity: float = Field(0.5, ge=0, description="identity loss weight, relative to lambda_cycle")
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = Field(200, ge=0)
-    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> CycleGANConfig:
+        factor = 2 ** (len(self.channels) - 1)
+        if self.image_size % factor:
+            raise KeyProblem(
+                "image_size", f"image_size: {self.image_size} is not divisible by 2^(len(channels)-1)={factor}"
+            )
+        if self.source.strip().lower() == self.target.strip().lower():
+            raise KeyProblem("target", f"source/target: the two domains must differ (both {self.source!r})")
+        return self
 
 
 def _domain_values(slices: SliceSet, key: str) -> np.ndarray:
@@ -66,24 +84,35 @@ def _domain_values(slices: SliceSet, key: str) -> np.ndarray:
     return slices.meta[key].astype(str).str.strip().str.lower().to_numpy()
 
 
-class CycleGANModel(GenerativeModel):
+class CycleGANModel(TorchFamily, Translator):
     """Unpaired translation ``source`` ↔ ``target``; ``translate`` maps source-domain slices to the target."""
 
     family: ClassVar[str] = "cyclegan"
     Config: ClassVar[type[StrictModel]] = CycleGANConfig
     conditional: ClassVar[bool] = False
-    capabilities: ClassVar[frozenset[str]] = frozenset({"translate"})
+    ema_modules: ClassVar[tuple[str, ...] | None] = ("g_ab", "g_ba")
 
-    def __init__(self, config: Any = None) -> None:
-        super().__init__(config)
-        cfg = self.config
-        factor = 2 ** (len(cfg.channels) - 1)
-        if cfg.image_size % factor:
-            raise ValueError(f"image_size: {cfg.image_size} is not divisible by 2^(len(channels)-1)={factor}")
-        if cfg.source.strip().lower() == cfg.target.strip().lower():
-            raise ValueError(f"source/target: the two domains must differ (both {cfg.source!r})")
-        self.g_ab: nn.Module | None = None  # source → target
-        self.g_ba: nn.Module | None = None  # target → source
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        # the contract test's tiny slices carry two pathologies, which serve as the two domains
+        return {
+            "domain_key": "pathology", "source": "normal", "target": "infarct", "image_size": 16,
+            "channels": (4, 8), "n_res_blocks": 1, "disc_channels": 4, "disc_layers": 1, "steps": 3,
+            "batch_size": 2, "progress": False,
+        }  # fmt: skip
+
+    @property
+    def g_ab(self) -> nn.Module | None:
+        """Source → target generator as used now (EMA weights after training when enabled)."""
+        return self.module("g_ab") if self.nets else None
+
+    @property
+    def g_ba(self) -> nn.Module | None:
+        """Target → source generator as used now."""
+        return self.module("g_ba") if self.nets else None
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        return {"g_ab": self._generator(), "g_ba": self._generator()}
 
     def _generator(self) -> nn.Module:
         return ResnetGenerator(tuple(self.config.channels), self.config.n_res_blocks)
@@ -99,14 +128,14 @@ class CycleGANModel(GenerativeModel):
         values = _domain_values(slices, self.config.domain_key)
         return values == self.config.source.strip().lower(), values == self.config.target.strip().lower()
 
-    def translation_domains(self, slices: SliceSet, direction: str = "forward") -> tuple[str, str, str, np.ndarray]:
+    def translation_domains(self, slices: SliceSet, direction: str = "forward") -> TranslationDomains:
         cfg = self.config
         src, dst = cfg.source.strip().lower(), cfg.target.strip().lower()
         is_a, is_b = self.domains(slices)
         if direction == "forward":
-            return cfg.domain_key, src, dst, is_a
+            return TranslationDomains(cfg.domain_key, src, dst, is_a)
         if direction == "backward":
-            return cfg.domain_key, dst, src, is_b
+            return TranslationDomains(cfg.domain_key, dst, src, is_b)
         raise ValueError(f"direction: 'forward' or 'backward', got {direction!r}")
 
     # ---- fitting -------------------------------------------------------------------------------------
@@ -122,68 +151,64 @@ class CycleGANModel(GenerativeModel):
                 f"{self.family}: need slices of both domains {cfg.source!r} and {cfg.target!r} in column "
                 f"{cfg.domain_key!r}; found {found}"
             )
-        seed_everything(seed)
-        self.g_ab, self.g_ba = self._generator(), self._generator()
-        d_a, d_b = self._discriminator(), self._discriminator()
-        nets = nn.ModuleDict({"g_ab": self.g_ab, "g_ba": self.g_ba, "d_a": d_a, "d_b": d_b})
-        data_a = torch.from_numpy(to_size(train.images[is_a], cfg.image_size))
-        data_b = torch.from_numpy(to_size(train.images[is_b], cfg.image_size))
-        betas = (0.5, 0.999)
-        opt_g = torch.optim.Adam(itertools.chain(self.g_ab.parameters(), self.g_ba.parameters()), cfg.lr, betas=betas)
-        opt_d = torch.optim.Adam(itertools.chain(d_a.parameters(), d_b.parameters()), cfg.lr, betas=betas)
+        self.begin_fit(seed)
+        self.set_modules(self.build_modules())  # weight init order: g_ab, g_ba, then d_a, d_b
+        g_ab, g_ba = self.nets["g_ab"], self.nets["g_ba"]
+        d_a, d_b = self._discriminator().to(self.device), self._discriminator().to(self.device)
+        # the i-th domain's batches are seeded by (seed + i, step): a resumed run draws the same pairs
+        data = {
+            "a": self.tensor(to_size(train.images[is_a], cfg.image_size)),
+            "b": self.tensor(to_size(train.images[is_b], cfg.image_size)),
+        }
         adv = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
-        discs = (d_a, d_b)
 
-        def loss_fn(a: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-            # target-domain batch: seeded by (seed, step) like the source batch, so a resumed run matches
-            b = data_b[torch.from_numpy(batch_indices(len(data_b), cfg.batch_size, step, seed + 1))]
-            fake_b, fake_a = self.g_ab(a), self.g_ba(b)
-            # discriminators first, on the detached fakes (their step must precede the generator loss's
-            # forward through them, or backward would see weights modified in place)
-            for d in discs:
-                d.requires_grad_(True)
+        def fakes(batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+            # one generator forward per iteration, shared by both steps (the discriminator sees it detached)
+            a, b = batch["a"], batch["b"]
+            return {"a": a, "b": b, "fake_b": g_ab(a), "fake_a": g_ba(b)}
+
+        def disc_loss(x: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
             loss_d = 0.5 * (
-                adv(d_b(b)[-1], target_is_real=True, for_discriminator=True)
-                + adv(d_b(fake_b.detach())[-1], target_is_real=False, for_discriminator=True)
-                + adv(d_a(a)[-1], target_is_real=True, for_discriminator=True)
-                + adv(d_a(fake_a.detach())[-1], target_is_real=False, for_discriminator=True)
+                adv(d_b(x["b"])[-1], target_is_real=True, for_discriminator=True)
+                + adv(d_b(x["fake_b"].detach())[-1], target_is_real=False, for_discriminator=True)
+                + adv(d_a(x["a"])[-1], target_is_real=True, for_discriminator=True)
+                + adv(d_a(x["fake_a"].detach())[-1], target_is_real=False, for_discriminator=True)
             )
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            for d in discs:
-                d.requires_grad_(False)
+            return loss_d, {"disc": float(loss_d.detach())}
+
+        def gen_loss(x: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+            a, b, fake_b, fake_a = x["a"], x["b"], x["fake_b"], x["fake_a"]
             loss_adv = adv(d_b(fake_b)[-1], target_is_real=True, for_discriminator=False) + adv(
                 d_a(fake_a)[-1], target_is_real=True, for_discriminator=False
             )
-            loss_cyc = F.l1_loss(self.g_ba(fake_b), a) + F.l1_loss(self.g_ab(fake_a), b)
+            loss_cyc = F.l1_loss(g_ba(fake_b), a) + F.l1_loss(g_ab(fake_a), b)
             loss = loss_adv + cfg.lambda_cycle * loss_cyc
-            loss_idt = torch.zeros(())
+            loss_idt = torch.zeros((), device=a.device)
             if cfg.lambda_identity > 0:
-                loss_idt = F.l1_loss(self.g_ab(b), b) + F.l1_loss(self.g_ba(a), a)
+                loss_idt = F.l1_loss(g_ab(b), b) + F.l1_loss(g_ba(a), a)
                 loss = loss + cfg.lambda_identity * cfg.lambda_cycle * loss_idt
             return loss, {
                 "adv": float(loss_adv.detach()),
                 "cycle_l1": float(loss_cyc.detach()),
                 "identity_l1": float(loss_idt.detach()),
-                "disc": float(loss_d.detach()),
             }
 
+        betas = (0.5, 0.999)
+        d_params = itertools.chain(d_a.parameters(), d_b.parameters())
+        g_params = itertools.chain(g_ab.parameters(), g_ba.parameters())
+        steps = [
+            self.make_step("discriminator", d_params, disc_loss, [d_a, d_b], lr=cfg.disc_lr or cfg.lr, betas=betas),
+            self.make_step("generator", g_params, gen_loss, [g_ab, g_ba], betas=betas),
+        ]
         t0 = time.perf_counter()
-        res = train_loop(
-            nets, opt_g, data_a, loss_fn, cfg.steps, cfg.batch_size, seed=seed, checkpoint_dir=cfg.checkpoint_dir,
-            checkpoint_every=cfg.checkpoint_every, desc=f"fit {self.family}", progress=cfg.progress,
-            extra_state={"opt_d": opt_d},
-        )  # fmt: skip
+        discs = {"d_a": d_a, "d_b": d_b}  # trained and checkpointed, not saved with the model
+        res = self.train_steps(steps, data, seed, extra_modules=discs, prepare=fakes, main="generator")
         elapsed = time.perf_counter() - t0
-        nets.eval()
         self.fitted = True
         report: dict[str, Any] = {
-            "family": self.family,
             "n_source": int(is_a.sum()),
             "n_target": int(is_b.sum()),
-            **res.report(int(is_a.sum()), cfg.batch_size, elapsed),
-            **{f"last_{k}": v for k, v in res.logs.items()},
+            **self.fit_report(res, int(is_a.sum()), elapsed),
         }
         if val is not None and len(val):
             report.update(self.evaluate(val))
@@ -199,18 +224,12 @@ class CycleGANModel(GenerativeModel):
             ("target", self.domains(slices)[1], self.g_ba, self.g_ab),
         ):
             if mask.any():
-                x = torch.from_numpy(to_size(slices.images[mask], self.config.image_size))
+                x = self.tensor(to_size(slices.images[mask], self.config.image_size))
                 rec = torch.cat([back(there(b)) for b in x.split(64)])
                 out[f"val_cycle_l1_{name}"] = float((rec - x).abs().mean())
         return out
 
     # ---- contract ------------------------------------------------------------------------------------
-    def sample(self, n: int, labels: np.ndarray | None = None, seed: int = 0) -> Samples:
-        raise CapabilityError(
-            f"{self.family}: translates given images and does not sample; use translate(images) on source-domain "
-            f"slices (labels carry over)"
-        )
-
     @torch.no_grad()
     def translate(self, images: np.ndarray, seed: int = 0, direction: str = "forward") -> np.ndarray:
         """Source-domain images (N, 1, H, W) → target appearance (``direction="backward"``: target → source),
@@ -226,21 +245,6 @@ class CycleGANModel(GenerativeModel):
         if len(images) == 0:
             return images.copy()
         net = self.g_ab if direction == "forward" else self.g_ba
-        x = torch.from_numpy(to_size(images, self.config.image_size))
-        y = torch.cat([net(b) for b in x.split(64)]).numpy()
+        x = self.tensor(to_size(images, self.config.image_size))
+        y = self.numpy(torch.cat([net(b) for b in x.split(64)]))
         return maps_to_size(y[:, 0], images.shape[2:])[:, None]
-
-    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        self._require_fitted()
-        arrays = {}
-        for prefix, net in (("g_ab.", self.g_ab), ("g_ba.", self.g_ba)):
-            arrays.update({prefix + k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
-        return arrays, {}
-
-    def set_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        self.g_ab, self.g_ba = self._generator(), self._generator()
-        for prefix, net in (("g_ab.", self.g_ab), ("g_ba.", self.g_ba)):
-            n = len(prefix)
-            net.load_state_dict({k[n:]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k[:n] == prefix})
-            net.eval()
-        self.fitted = True

@@ -1,0 +1,288 @@
+"""The model commands of the CLI (``medsynth fit`` / ``sample`` / ``scar`` / ``translate`` / ``detect`` /
+``evaluate scar`` / ``evaluate translation``) over files: read a manifest and a saved model, run the same
+operation as the flows (:mod:`medsynth.workflows.ops`), write NIfTI pairs + a manifest or metric tables.
+
+Outputs are written atomically. Every model directory holds ``fit_report.json`` beside the model; the
+preprocessing recorded there is used again when the model is applied to a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medsynth.data.loading import load_manifest_slices, preprocess_config, split_train_val
+from medsynth.data.slices import SliceSet
+from medsynth.errors import InputFileError, ManifestError
+from medsynth.models.base import GenerativeModel, json_default, require
+from medsynth.models.registry import load_model
+from medsynth.utils.atomic import atomic_dir, atomic_file
+from medsynth.utils.hashing import sha256_file
+from medsynth.workflows import ops
+
+log = logging.getLogger(__name__)
+
+FIT_REPORT = "fit_report.json"
+
+
+def write_fit_report(model_dir: str | Path, record: dict[str, Any]) -> Path:
+    path = Path(model_dir) / FIT_REPORT
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, default=json_default), encoding="utf-8")
+    return path
+
+
+def read_fit_report(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / FIT_REPORT
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputFileError(f"{path}: corrupt fit report: {' '.join(str(err).split())}") from None
+    if not isinstance(record, dict):
+        raise InputFileError(f"{path}: corrupt fit report: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def load_fitted(model_dir: str | Path) -> tuple[GenerativeModel, Any]:
+    """A saved model and the preprocessing config it was fitted with (the default when not recorded)."""
+    return load_model(model_dir), preprocess_config(read_fit_report(model_dir).get("preprocess"))
+
+
+def _spacing(cfg: Any) -> float:
+    return float(cfg.spacing_mm or 1.0)
+
+
+def _apply(
+    model_dir: str | Path, capability: str, manifest: str | Path, data_root: str | Path | None
+) -> tuple[GenerativeModel, Any, SliceSet]:
+    """A saved model that offers ``capability`` (CapabilityError naming the folder otherwise), its
+    preprocessing, and the manifest's slices preprocessed the same way."""
+    model, cfg = load_fitted(model_dir)
+    require(model, capability, str(model_dir))
+    return model, cfg, load_manifest_slices(manifest, data_root, cfg)
+
+
+def fit_family(
+    family: str,
+    manifest: str | Path,
+    out_dir: str | Path,
+    config: dict[str, Any] | None = None,
+    data_root: str | Path | None = None,
+    seed: int = 0,
+    preprocess: Any = None,
+) -> Path:
+    """Fit registry family ``family`` on the manifest's training split; save the model to ``out_dir``.
+
+    Writes the family's ``model.json`` + ``weights.safetensors`` and ``fit_report.json`` (fit report, config
+    hash, preprocessing, manifest hash). Returns ``out_dir``. Unknown family or config key → ConfigError.
+    """
+    from medsynth.models.registry import create_model
+
+    out_dir = Path(out_dir)
+    create_model(family, config)  # a bad family or key fails before any slice is read
+    cfg = preprocess_config(preprocess)
+    slices = load_manifest_slices(manifest, data_root, cfg)
+    if len(slices) == 0:
+        raise ManifestError(f"{manifest}: no slices to fit on")
+    train, val = split_train_val(slices)
+    # checkpoints live beside the (atomically written) model folder so a rerun resumes an interrupted fit
+    checkpoints = out_dir.parent / f".{out_dir.name}.checkpoints"
+    model, report = ops.fit(family, config, train, val, seed=seed, checkpoint_dir=checkpoints)
+    model.save(out_dir)
+    record = ops.fit_record(
+        model,
+        report,
+        seed,
+        manifest=str(manifest),
+        manifest_sha256=sha256_file(manifest),
+        n_train_slices=len(train),
+        n_val_slices=0 if val is None else len(val),
+        preprocess=cfg.model_dump(mode="json"),
+    )
+    write_fit_report(out_dir, record)
+    return out_dir
+
+
+def sample_dataset(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    labels_manifest: str | Path | None = None,
+    data_root: str | Path | None = None,
+) -> Path:
+    """Sample ``n`` slices from a saved model into ``out_dir`` (NIfTI pairs + ``manifest.csv``); return the
+    manifest path. Label-conditioned families draw their ``n`` label maps (with replacement only when
+    ``n`` exceeds the available slices) from ``labels_manifest``, seeded by ``seed``."""
+    model, cfg = load_fitted(model_dir)
+    require(model, "sample")
+    pool = None
+    if labels_manifest is not None:
+        pool = load_manifest_slices(labels_manifest, data_root, cfg)
+        if len(pool) == 0:
+            raise ManifestError(f"{labels_manifest}: no label slices")
+        if not model.conditional:
+            log.info("family %r is not label-conditioned: the labels of %s are not used", model.family, labels_manifest)
+    synthetic, has_labels = ops.synthesize(model, pool, n, seed, distinct=True)
+    return ops.write_slice_dataset(out_dir, synthetic, has_labels, _spacing(cfg))
+
+
+def scar_dataset(
+    model_dir: str | Path,
+    manifest: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    data_root: str | Path | None = None,
+) -> Path:
+    """Scar / scar-free pairs (:func:`medsynth.workflows.ops.scar_pairs`) of the LGE slices of ``manifest``
+    with a model that can insert scar; NIfTI pairs + manifest (``pair_id``, ``variant``). Returns the manifest."""
+    model, cfg, slices = _apply(model_dir, "scar", manifest, data_root)
+    try:
+        pairs = ops.scar_pairs(model, slices, seed)
+    except ManifestError as err:
+        raise ManifestError(f"{manifest}: {err}") from None
+    return ops.write_slice_dataset(out_dir, pairs, True, _spacing(cfg))
+
+
+def translate_dataset(
+    model_dir: str | Path,
+    manifest: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    data_root: str | Path | None = None,
+    direction: str = "forward",
+    split: str | None = None,
+) -> Path:
+    """Translate the from-domain slices of ``manifest`` (only the ``split`` rows when given) with a model
+    that can ``translate``; write translated images with their original label maps (NIfTI pairs) and a
+    manifest whose domain column names the to-domain, with provenance. Returns the manifest path."""
+    model, cfg, slices = _apply(model_dir, "translate", manifest, data_root)
+    if split is not None:
+        slices = slices.subset((slices.meta["split"].astype(str) == split).to_numpy())
+    try:
+        translated, _ = ops.translate(model, slices, direction, seed)
+    except ManifestError as err:
+        raise ManifestError(f"{manifest}: {err}{f' in split {split!r}' if split else ''}") from None
+    return ops.write_slice_dataset(out_dir, translated, True, _spacing(cfg))
+
+
+def detect(
+    model: GenerativeModel, slices: SliceSet, out_dir: str | Path, agg: str = "max", baselines: bool = True
+) -> dict[str, Path]:
+    """Score ``slices`` with ``model`` and write ``slice_scores.csv``, ``subject_scores.csv`` and, when the
+    labels carry scar information, ``anomaly_metrics.csv`` (model row, then n-SD / FWHM rows) into ``out_dir``."""
+    from medsynth.evaluation.anomaly import comparison_table, has_scar_info, score_model, slice_table, subject_table
+
+    out_dir = Path(out_dir)
+    scores = score_model(model, slices)
+    sdf = slice_table(slices, scores)
+    written = {"slice_scores": _write_csv(sdf, out_dir / "slice_scores.csv")}
+    written["subject_scores"] = _write_csv(subject_table(sdf, agg), out_dir / "subject_scores.csv")
+    if has_scar_info(slices):
+        table = comparison_table({model.family: scores}, slices, include_baselines=baselines, agg=agg)
+        written["anomaly_metrics"] = _write_csv(table, out_dir / "anomaly_metrics.csv")
+    else:
+        log.info("no scar labels in the scored set: anomaly_metrics.csv not written")
+    return written
+
+
+def detect_manifest(
+    model_dir: str | Path,
+    manifest: str | Path,
+    out_dir: str | Path,
+    data_root: str | Path | None = None,
+    agg: str = "max",
+    baselines: bool = True,
+) -> dict[str, Path]:
+    """``medsynth detect``: score a manifest's slices with a saved model that can ``score`` (preprocessed as
+    the model was fitted) and write the tables of :func:`detect`."""
+    model, _, slices = _apply(model_dir, "score", manifest, data_root)
+    written = detect(model, slices, out_dir, agg=agg, baselines=baselines)
+    log.info("scored %d slices with %s: wrote %s", len(slices), model.family, ", ".join(map(str, written.values())))
+    return written
+
+
+def run_scar_evaluation(
+    manifest: str | Path,
+    out_dir: str | Path,
+    model_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.5,
+    preprocess: Any = None,
+) -> Path:
+    """``medsynth evaluate scar``: write ``out_dir/scar_metrics.csv`` and return its path.
+
+    With ``model_dir`` every slice of the manifest is evaluated with that model. Otherwise the registry's
+    default scar family (:func:`medsynth.models.registry.default_family`) is fitted on the manifest's
+    ``train`` split and evaluated on the rest (``test``/``val``); without splits a seeded patient-level split
+    (``test_fraction``, stratified by scar) is made, so no patient is in both.
+    """
+    from medsynth.evaluation.scar import evaluate_scar, patient_split
+    from medsynth.models.registry import default_family
+
+    slices = load_manifest_slices(manifest, data_root, preprocess)
+    if len(slices) == 0:
+        raise ManifestError(f"{manifest}: no slices to evaluate")
+    if model_dir is not None:
+        table = evaluate_scar(slices, load_model(model_dir))
+    else:
+        splits = slices.meta["split"].astype(str).to_numpy()
+        is_test = (splits != "train") if (splits == "train").any() else patient_split(slices, test_fraction, seed)
+        if is_test.all() or not is_test.any():
+            raise ManifestError(f"{manifest}: need both training and held-out patients for the scar evaluation")
+        model, _ = ops.fit(default_family("scar"), None, slices.subset(~is_test), seed=seed)
+        table = evaluate_scar(slices.subset(is_test), model)
+    out = Path(out_dir) / "scar_metrics.csv"
+    with atomic_file(out) as tmp:
+        table.to_csv(tmp, index=False)
+    log.info("scar metrics:\n%s", table.to_string(index=False))
+    return out
+
+
+def run_translation_evaluation(
+    model_dir: str | Path,
+    manifest: str | Path,
+    out_dir: str | Path,
+    data_root: str | Path | None = None,
+    config: Any = None,
+    seed: int = 0,
+) -> str:
+    """``medsynth evaluate translation``: evaluate a saved translation model on a manifest holding both
+    domains with a patient-level train/test split; write ``translation_metrics.csv`` and ``report.md`` to
+    ``out_dir`` atomically. Returns the metrics path."""
+    from medsynth.evaluation.report import md_table
+    from medsynth.evaluation.translation import TranslationEvalConfig, evaluate_translation
+
+    model, _, slices = _apply(model_dir, "translate", manifest, data_root)
+    splits = slices.meta["split"].astype(str)
+    train, test = slices.subset((splits == "train").to_numpy()), slices.subset((splits == "test").to_numpy())
+    if len(train) == 0 or len(test) == 0:
+        raise ManifestError(f"{manifest}: needs subjects in both the train and the test split")
+    table, _ = evaluate_translation(model, train, test, config or TranslationEvalConfig(), seed)
+    with atomic_dir(out_dir) as tmp:
+        table.to_csv(tmp / "translation_metrics.csv", index=False)
+        lines = [
+            f"# Translation {table['direction'].iloc[0]} ({model.family}, model {model.model_hash[:16]})",
+            "",
+            "before = source test slices as they are, after = translated; FD against the real target test slices;",
+            "Dice of a U-Net trained on real target-domain training slices, against the source labels.",
+            "",
+            md_table(table),
+            "",
+        ]
+        (tmp / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    log.info("translation metrics written to %s", out_dir)
+    return str(Path(out_dir) / "translation_metrics.csv")
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> Path:
+    with atomic_file(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    return path
