@@ -143,6 +143,16 @@ def _install(tmp: Path, target: Path) -> None:
     raise OSError(errno.EBUSY, "could not install the output after many concurrent attempts", str(target))
 
 
+def _make_parent(target: Path) -> None:
+    """Create ``target``'s parent folder, turning the usual failures into one :class:`OutputError` line."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError(f"{target}: a parent of the output is a file, not a folder") from None
+    except OSError as err:
+        raise OutputError(f"{target}: cannot create the output's folder ({err.strerror})") from None
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success it replaces ``target``.
@@ -153,12 +163,7 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     ``overwrite=False`` any existing target is an error.
     """
     target = Path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise OutputError(f"{target}: a parent of the output is a file, not a folder") from None
-    except OSError as err:
-        raise OutputError(f"{target}: cannot create the output's folder ({err.strerror})") from None
+    _make_parent(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target}: already exists")
     _check_replaceable(target)
@@ -181,12 +186,7 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
 def atomic_file(target: str | Path) -> Iterator[Path]:
     """Yield a temporary file path next to ``target``; on success it replaces ``target``."""
     target = Path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise OutputError(f"{target}: a parent of the output is a file, not a folder") from None
-    except OSError as err:
-        raise OutputError(f"{target}: cannot create the output's folder ({err.strerror})") from None
+    _make_parent(target)
     if target.is_dir():
         raise OutputError(f"{target}: is a folder, expected a file path")
     try:
