@@ -224,3 +224,10 @@ def test_plausibility_accepts_real_acdc_maps(acdc_root: Path, tmp_path: Path) ->
     rep = check_label_maps(s.labels[has_lv])
     # basal slices can be open at the outflow tract in real annotations: most, not all, must pass
     assert rep.rejected_fraction <= 0.1, rep.as_dict()
+
+
+def test_attention_levels_build_and_sample(slices) -> None:
+    """Attention blocks (MONAI needs einops for them) in the tiny U-Net: fit, then a finite sample."""
+    m = create_model("ddpm_uncond", {**TINY, "steps": 2, "attention_levels": (False, True)})
+    m.fit(slices, seed=0)
+    assert np.isfinite(m.sample(2, seed=0).images).all()

@@ -256,8 +256,11 @@ class DiffusionFamily(TorchFamily, Sampler):
         if sequence is None and cfg.sampler == "ddpm":
             sched = self.ddpm
             sched.set_timesteps(cfg.timesteps)
-            # MONAI's DDPM step draws its noise on the tensor's device; a generator there keeps CPU runs exact
-            dg = g if x.device.type == "cpu" else torch.Generator(device=x.device).manual_seed(g.initial_seed())
+            # MONAI's DDPM step draws its noise on the tensor's device with the generator given: on CUDA a CUDA
+            # generator seeded from the CPU one (deterministic per device; CPU runs use the CPU generator itself)
+            dg = g
+            if x.device.type != "cpu":
+                dg = torch.Generator(device=x.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
             for t in sched.timesteps:
                 tt = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
                 x, _ = sched.step(self.predict(x, tt, cond, w), int(t), x, generator=dg)
