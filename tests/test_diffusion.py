@@ -17,7 +17,7 @@ from medsynth.errors import MedsynthError
 from medsynth.labels import LV, MYO, RV
 from medsynth.models.diffusion.plausibility import check_label_map, check_label_maps
 from medsynth.models.diffusion.schedulers import CorrectedDDIMScheduler, make_schedulers, x0_from_prediction
-from medsynth.models.latent.common import one_hot
+from medsynth.models.latent.common import one_hot, to_size
 from medsynth.models.latent.toy import toy_slices
 from medsynth.models.registry import create_model, load_model
 
@@ -231,3 +231,17 @@ def test_attention_levels_build_and_sample(slices) -> None:
     m = create_model("ddpm_uncond", {**TINY, "steps": 2, "attention_levels": (False, True)})
     m.fit(slices, seed=0)
     assert np.isfinite(m.sample(2, seed=0).images).all()
+
+
+def test_ldm_scale_factor_is_the_inverse_latent_std_and_samples_decode(slices, tmp_path: Path) -> None:
+    m = create_model("ldm", {**TINY, "ae_channels": (8, 8), "ae_steps": 3, "steps": 3, "image_size": 16})
+    report = m.fit(slices, seed=0)
+    x = torch.from_numpy(to_size(slices.images, 16)) * 2 - 1  # the model's own resize and scale
+    with torch.no_grad():
+        z = m.module("ae").encode(x)[0] * m.scale_factor
+    assert float(z.std()) == pytest.approx(1.0, rel=1e-4) and report["scale_factor"] == m.scale_factor
+    assert m.work_size == 8 and set(m.history) >= {"autoencoder", "loss"}
+    s = m.sample(2, slices.labels[:2], seed=0)
+    assert s.images.shape == (2, 1, 32, 32) and np.isfinite(s.images).all()
+    m.save(tmp_path / "ldm")
+    np.testing.assert_array_equal(load_model(tmp_path / "ldm").sample(2, slices.labels[:2], seed=0).images, s.images)

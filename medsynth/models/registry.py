@@ -43,6 +43,7 @@ _BUILTIN: dict[str, str] = {
     "ddpm": "medsynth.models.diffusion.ddpm:DDPMModel",
     "ddpm_uncond": "medsynth.models.diffusion.ddpm:DDPMUncondModel",
     "ddpm_joint": "medsynth.models.diffusion.ddpm:DDPMJointModel",
+    "ldm": "medsynth.models.diffusion.ldm:LDMModel",
 }
 _LOADED: dict[str, type[GenerativeModel]] = {}
 

@@ -150,6 +150,11 @@ class DiffusionFamily(TorchFamily, Sampler):
         return 1 + (N_CLASSES if self.mode == "joint" else 0)
 
     @property
+    def work_size(self) -> int:
+        """Side of the diffused tensors (the image size here; the latent size in latent diffusion)."""
+        return self.config.image_size
+
+    @property
     def cond_channels(self) -> int:
         return N_CLASSES if self.mode == "label" else 0
 
@@ -289,7 +294,7 @@ class DiffusionFamily(TorchFamily, Sampler):
     def _draw(self, n: int, labels: np.ndarray | None, seed: int) -> torch.Tensor:
         """n model-scale samples (n, C, s, s) on the device, in batches of ``sample_batch``."""
         cfg = self.config
-        s = cfg.image_size
+        s = self.work_size
         g = torch.Generator().manual_seed(seed)
         out = []
         for start in range(0, n, cfg.sample_batch):
