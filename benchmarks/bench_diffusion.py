@@ -61,8 +61,9 @@ def raw_monai(slices, cfg: dict, device: torch.device) -> float:
     from medsynth.labels import N_CLASSES
     from medsynth.models.latent.common import labels_to_size, one_hot, to_size
     from medsynth.models.registry import create_model
+    from medsynth.utils.seeding import seed_everything
 
-    torch.manual_seed(0)
+    seed_everything(0)  # the same global settings as a family fit (deterministic algorithms on), for a fair ratio
     unet = create_model("ddpm", cfg).build_modules()["unet"].to(device)
     sched = DDPMScheduler(num_train_timesteps=cfg["timesteps"], schedule="linear_beta")
     inferer = DiffusionInferer(sched)
