@@ -40,6 +40,10 @@ _BUILTIN: dict[str, str] = {
     "cvae": "medsynth.models.latent.autoencoder:CVAEModel",
     "flow": "medsynth.models.flow.model:FlowModel",
     "cyclegan": "medsynth.models.translation.cyclegan:CycleGANModel",
+    "ddpm": "medsynth.models.diffusion.ddpm:DDPMModel",
+    "ddpm_uncond": "medsynth.models.diffusion.ddpm:DDPMUncondModel",
+    "ddpm_joint": "medsynth.models.diffusion.ddpm:DDPMJointModel",
+    "ldm": "medsynth.models.diffusion.ldm:LDMModel",
 }
 _LOADED: dict[str, type[GenerativeModel]] = {}
 
