@@ -56,7 +56,7 @@ def two_domains(tmp_path_factory) -> tuple[SliceSet, Path]:
 @pytest.fixture(scope="module")
 def fitted(two_domains) -> tuple[GenerativeModel, dict]:
     slices, _ = two_domains
-    model = create_model("cyclegan", {**TINY, "steps": 120})
+    model = create_model("cyclegan", {**TINY, "steps": 240})
     return model, model.fit(slices, slices, seed=0)
 
 
@@ -68,7 +68,7 @@ def test_translation_moves_cine_towards_lge_appearance(two_domains, fitted):
     slices, _ = two_domains
     model, report = fitted
     assert get_family("cyclegan") is type(model) and model.supports("translate")
-    assert report["n_source"] > 0 and report["n_target"] > 0 and report["steps"] == 120
+    assert report["n_source"] > 0 and report["n_target"] > 0 and report["steps"] == 240
     assert np.isfinite(report["val_cycle_l1_source"]) and np.isfinite(report["val_cycle_l1_target"])
     is_cine = (slices.meta["modality"] == "cine").to_numpy()
     cine, lge = slices.subset(is_cine), slices.subset(~is_cine)
