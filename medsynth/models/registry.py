@@ -40,6 +40,8 @@ _BUILTIN: dict[str, str] = {
     "cvae": "medsynth.models.latent.autoencoder:CVAEModel",
     "flow": "medsynth.models.flow.model:FlowModel",
     "cyclegan": "medsynth.models.translation.cyclegan:CycleGANModel",
+    "cut": "medsynth.models.translation.cut:CUTModel",
+    "fastcut": "medsynth.models.translation.cut:FastCUTModel",
 }
 _LOADED: dict[str, type[GenerativeModel]] = {}
 
