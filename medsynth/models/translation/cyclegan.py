@@ -20,7 +20,7 @@ back to the input size, so fine detail above the working resolution is lost; rai
 Arrays: images (N, 1, H, W) float32 on the slice intensity scale. Geometry is kept by the cycle loss, not
 guaranteed: the translate flow measures it with a segmentation-consistency check, and ``lambda_seg`` > 0 adds
 the segmentation-consistency loss of :mod:`medsynth.models.translation.segconsistency` (a frozen U-Net trained
-on the source-domain labels must still segment G_AB(x)); ``fit_seconds`` then include that U-Net's training.
+on the source-domain labels must still segment G_AB(x)); the fit's timing then includes that U-Net's training.
 """
 
 from __future__ import annotations
