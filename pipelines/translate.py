@@ -24,7 +24,9 @@ def translate_flow(config: dict[str, Any], work: str, out: str, data_root: str |
     )
     unable = [m["name"] for m in models if "translate" not in m["capabilities"]]
     if unable:
-        raise ConfigError(f"models: {unable} cannot translate; the translate flow needs e.g. family 'cyclegan'")
+        raise ConfigError(
+            f"models: {unable} cannot translate; the translate flow needs e.g. family 'cyclegan', 'cut' or 'fastcut'"
+        )
     stage_cfg = config["evaluation"]["translation"]
     direction = stage_cfg["direction"]
     translated = t.run_many(

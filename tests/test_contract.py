@@ -65,7 +65,7 @@ def exercise(model: GenerativeModel, slices: SliceSet) -> dict[str, np.ndarray]:
             out["pixel_maps"] = sc.pixel_maps
         out["slice_scores"] = np.asarray(sc.slice_scores)
     if model.supports("translate"):
-        for direction in ("forward", "backward"):
+        for direction in model.directions:
             d = model.translation_domains(slices, direction)
             assert isinstance(d, TranslationDomains) and d.mask.shape == (len(slices),) and d.mask.any()
             x = slices.images[d.mask][:3]

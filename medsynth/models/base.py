@@ -130,6 +130,8 @@ class Translator(Capability):
     """Image-to-image translation between two domains of the slice metadata (capability ``translate``)."""
 
     capability: ClassVar[str] = "translate"
+    #: the directions ``translate`` accepts (one-sided families such as CUT: ``("forward",)``)
+    directions: ClassVar[tuple[str, ...]] = ("forward", "backward")
 
     @abstractmethod
     def translate(self, images: np.ndarray, seed: int = 0, direction: str = "forward") -> np.ndarray:

@@ -44,6 +44,8 @@ _BUILTIN: dict[str, str] = {
     "ddpm_uncond": "medsynth.models.diffusion.ddpm:DDPMUncondModel",
     "ddpm_joint": "medsynth.models.diffusion.ddpm:DDPMJointModel",
     "ldm": "medsynth.models.diffusion.ldm:LDMModel",
+    "cut": "medsynth.models.translation.cut:CUTModel",
+    "fastcut": "medsynth.models.translation.cut:FastCUTModel",
 }
 _LOADED: dict[str, type[GenerativeModel]] = {}
 

@@ -24,7 +24,15 @@ class PhantomSource(StrictModel):
     subjects: int = Field(8, ge=2)
     #: ``cine+lge``: both contrasts (``subjects`` each, different subjects), the two domains of a translate run
     contrast: Literal["cine", "lge", "cine+lge"] = "cine"
-    scanner: Literal["A", "B"] = "A"
+    #: ``A+B``: the same hearts (same seed and subject ids) rendered by both scanners, a *paired* pair of
+    #: domains (``vendor`` phantom-A / phantom-B) whose test slices have their true translation
+    scanner: Literal["A", "B", "A+B"] = "A"
+
+    @model_validator(mode="after")
+    def _one_pair(self) -> PhantomSource:
+        if "+" in self.contrast and "+" in self.scanner:
+            raise KeyProblem("scanner", "scanner: 'A+B' cannot be combined with contrast 'cine+lge'")
+        return self
 
 
 class DataConfig(StrictModel):

@@ -257,8 +257,17 @@ def write_translate_outputs(
     key, dst = translated_records[0]["domain"]
     source = SliceSet.load(artefact(translated_records[0], "source"))
     sets = [(f"{r['name']} (translated)", SliceSet.load(artefact(r))) for r in translated_records]
+    # paired domains (the phantom's scanner A / B): the true target-domain slice of each source slice, last row
+    from medsynth.evaluation.translation import paired_targets
+
+    train, truth = load_split(slices_record, "train"), None
+    if key in train.meta:
+        truth = paired_targets(source, train.subset(train.meta[key].astype(str).str.strip().str.lower() == dst))
+        if truth is not None:
+            sets.append(("true target (same slice, target domain)", truth))
     grid = _sample_grid(source, sets, staging / "samples.png", first="source")
-    sections += ["", "## Samples (top: source training slices; below: the same slices translated)", ""]
+    below = "the same slices translated" + ("; last row: their true target-domain slices" if truth is not None else "")
+    sections += ["", f"## Samples (top: source training slices; below: {below})", ""]
     sections += ["![source vs translated](figures/samples.png)", ""]
     report = "\n".join(sections) + "\n"
     result = write_run_outputs(

@@ -107,18 +107,27 @@ def prepare_manifest(work: str, data: dict[str, Any], seed: int, data_root: str 
 
             ph = data["phantom"]
             parts = []
-            for k, contrast in enumerate(ph["contrast"].split("+")):
-                folder = f"phantom_{contrast}" if "+" in ph["contrast"] else "phantom"
+            two = "+" in ph["contrast"] or "+" in ph["scanner"]
+            # cine+lge: different hearts per contrast (seed + k); A+B: the same hearts (same seed, same subject
+            # ids, so a patient-level split keeps both scans of a heart together) under both scanners
+            runs = [(c, ph["scanner"], seed + k) for k, c in enumerate(ph["contrast"].split("+"))]
+            if "+" in ph["scanner"]:
+                runs = [(ph["contrast"], sc, seed) for sc in ph["scanner"].split("+")]
+            for contrast, scanner, run_seed in runs:
+                folder = "phantom"
+                if two:
+                    folder = f"phantom_{contrast}" if "+" in ph["contrast"] else f"phantom_{scanner}"
                 m = generate_dataset(
-                    tmp / folder, subjects=ph["subjects"], contrast=contrast, scanner=ph["scanner"], seed=seed + k
+                    tmp / folder, subjects=ph["subjects"], contrast=contrast, scanner=scanner, seed=run_seed
                 )
                 part = read_manifest(m)
-                if "+" in ph["contrast"]:  # one manifest over both folders; subject ids kept apart
+                if two:  # one manifest over both folders
                     part["image"], part["label"] = folder + "/" + part["image"], folder + "/" + part["label"]
+                if "+" in ph["contrast"]:  # different hearts: subject ids kept apart
                     part["subject_id"] = contrast + "_" + part["subject_id"]
                 parts.append(part)
             df = pd.concat(parts, ignore_index=True)
-            df_root = tmp if "+" in ph["contrast"] else Path(m).parent
+            df_root = tmp if two else Path(m).parent
         elif source == "layout":
             from medsynth.data.layouts import build_manifest
 

@@ -18,7 +18,9 @@ generators (and their EMA) are saved with the model.
 Slices are resized to ``image_size`` × ``image_size`` for training and translation and the output is resized
 back to the input size, so fine detail above the working resolution is lost; raise ``image_size`` on a GPU.
 Arrays: images (N, 1, H, W) float32 on the slice intensity scale. Geometry is kept by the cycle loss, not
-guaranteed: the translate flow measures it with a segmentation-consistency check.
+guaranteed: the translate flow measures it with a segmentation-consistency check, and ``lambda_seg`` > 0 adds
+the segmentation-consistency loss of :mod:`medsynth.models.translation.segconsistency` (a frozen U-Net trained
+on the source-domain labels must still segment G_AB(x)); the fit's timing then includes that U-Net's training.
 """
 
 from __future__ import annotations
@@ -43,12 +45,18 @@ from medsynth.models.base import TranslationDomains, Translator
 from medsynth.models.latent.common import check_slices, maps_to_size, to_size
 from medsynth.models.torch_family import TorchConfig, TorchFamily
 from medsynth.models.translation.networks import ResnetGenerator
+from medsynth.models.translation.segconsistency import (
+    SegConsistencyKeys,
+    pack_labels,
+    seg_consistency_loss,
+    train_source_unet,
+)
 from medsynth.utils.seeding import exclusive_global_rng
 
 log = logging.getLogger(__name__)
 
 
-class CycleGANConfig(TorchConfig):
+class CycleGANConfig(SegConsistencyKeys, TorchConfig):
     """CycleGAN keys plus the shared torch keys (here steps 2000, batch_size 8, lr 2e-4)."""
 
     domain_key: str = Field("modality", description="slice metadata column whose values name the domains")
@@ -151,21 +159,29 @@ class CycleGANModel(TorchFamily, Translator):
                 f"{self.family}: need slices of both domains {cfg.source!r} and {cfg.target!r} in column "
                 f"{cfg.domain_key!r}; found {found}"
             )
+        t0 = time.perf_counter()
+        unet = None
+        if cfg.lambda_seg > 0:  # trained first: train_unet reseeds the global RNG itself
+            unet = train_source_unet(train.subset(is_a), cfg.image_size, cfg.seg_iterations, cfg.seg_channels, seed)
         self.begin_fit(seed)
         self.set_modules(self.build_modules())  # weight init order: g_ab, g_ba, then d_a, d_b
         g_ab, g_ba = self.nets["g_ab"], self.nets["g_ba"]
         d_a, d_b = self._discriminator().to(self.device), self._discriminator().to(self.device)
         # the i-th domain's batches are seeded by (seed + i, step): a resumed run draws the same pairs
-        data = {
-            "a": self.tensor(to_size(train.images[is_a], cfg.image_size)),
-            "b": self.tensor(to_size(train.images[is_b], cfg.image_size)),
-        }
+        a_np = to_size(train.images[is_a], cfg.image_size)
+        if unet is not None:  # source labels ride along as channel 1 (same batch indices as without)
+            unet = unet.to(self.device)
+            a_np = pack_labels(a_np, train.labels[is_a], cfg.image_size)
+        data = {"a": self.tensor(a_np), "b": self.tensor(to_size(train.images[is_b], cfg.image_size))}
         adv = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
 
         def fakes(batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
             # one generator forward per iteration, shared by both steps (the discriminator sees it detached)
-            a, b = batch["a"], batch["b"]
-            return {"a": a, "b": b, "fake_b": g_ab(a), "fake_a": g_ba(b)}
+            a, b = batch["a"][:, :1], batch["b"]
+            x = {"a": a, "b": b, "fake_b": g_ab(a), "fake_a": g_ba(b)}
+            if unet is not None:
+                x["labels"] = batch["a"][:, 1]
+            return x
 
         def disc_loss(x: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
             loss_d = 0.5 * (
@@ -187,11 +203,16 @@ class CycleGANModel(TorchFamily, Translator):
             if cfg.lambda_identity > 0:
                 loss_idt = F.l1_loss(g_ab(b), b) + F.l1_loss(g_ba(a), a)
                 loss = loss + cfg.lambda_identity * cfg.lambda_cycle * loss_idt
-            return loss, {
+            logs = {
                 "adv": float(loss_adv.detach()),
                 "cycle_l1": float(loss_cyc.detach()),
                 "identity_l1": float(loss_idt.detach()),
             }
+            if unet is not None:
+                loss_seg = seg_consistency_loss(unet, fake_b, x["labels"])
+                loss = loss + cfg.lambda_seg * loss_seg
+                logs["seg_ce"] = float(loss_seg.detach())
+            return loss, logs
 
         betas = (0.5, 0.999)
         d_params = itertools.chain(d_a.parameters(), d_b.parameters())
@@ -200,7 +221,6 @@ class CycleGANModel(TorchFamily, Translator):
             self.make_step("discriminator", d_params, disc_loss, [d_a, d_b], lr=cfg.disc_lr or cfg.lr, betas=betas),
             self.make_step("generator", g_params, gen_loss, [g_ab, g_ba], betas=betas),
         ]
-        t0 = time.perf_counter()
         discs = {"d_a": d_a, "d_b": d_b}  # trained and checkpointed, not saved with the model
         res = self.train_steps(steps, data, seed, extra_modules=discs, prepare=fakes, main="generator")
         elapsed = time.perf_counter() - t0
@@ -208,6 +228,7 @@ class CycleGANModel(TorchFamily, Translator):
         report: dict[str, Any] = {
             "n_source": int(is_a.sum()),
             "n_target": int(is_b.sum()),
+            "lambda_seg": cfg.lambda_seg,
             **self.fit_report(res, int(is_a.sum()), elapsed),
         }
         if val is not None and len(val):

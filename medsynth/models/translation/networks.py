@@ -5,6 +5,10 @@ the coarsest scale, transposed-conv upsampling and a 7×7 head, instance norm th
 (no tanh): slice intensities are normalised to about [0, 1] but scar and fat exceed 1. Fully convolutional, so
 any (N, 1, H, W) with H, W divisible by 2^(len(channels) - 1) works. The discriminator is MONAI's
 ``PatchDiscriminator`` (70×70-style PatchGAN), built by the family.
+
+:meth:`ResnetGenerator.encode` exposes the encoder's feature maps (the input, the stem, each downsampling
+stage and each residual block) for CUT's PatchNCE loss; :meth:`ResnetGenerator.feature_channels` gives their
+widths without running the network, so projection heads can be built before any data is seen.
 """
 
 from __future__ import annotations
@@ -36,6 +40,34 @@ class ResnetGenerator(nn.Module):
         layers.append(Convolution(2, channels[0], 1, kernel_size=7, conv_only=True))
         self.net = nn.Sequential(*layers)
         self.factor = 2 ** (len(channels) - 1)
+        self.channels = tuple(channels)
+        self.n_res_blocks = n_res_blocks
+        #: encoder layers: 0 = the input, k = output of the k-th module (stem, downsamplings, residual blocks)
+        self.n_encoder_layers = len(channels) + n_res_blocks
+
+    def feature_channels(self, layers: tuple[int, ...]) -> tuple[int, ...]:
+        """Widths of the encoder feature maps ``layers`` (indices as in :meth:`encode`)."""
+        widths = (1, *self.channels, *(self.channels[-1],) * self.n_res_blocks)
+        for k in layers:
+            if not 0 <= k <= self.n_encoder_layers:
+                raise ValueError(f"nce_layers: layer {k} outside the encoder's 0..{self.n_encoder_layers}")
+        return tuple(widths[k] for k in layers)
+
+    def encode(self, x: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        """Encoder feature maps (N, C_k, H_k, W_k) at ``layers``: 0 is the input itself, k >= 1 the output of the
+        k-th module (1 = the 7×7 stem, then the strided convolutions, then the residual blocks). Runs only as
+        far as the deepest requested layer."""
+        self.feature_channels(layers)  # validates
+        if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by {self.factor}")
+        wanted, feats, h = set(layers), {}, x
+        if 0 in wanted:
+            feats[0] = h
+        for k in range(1, max(layers, default=0) + 1):
+            h = self.net[k - 1](h)
+            if k in wanted:
+                feats[k] = h
+        return [feats[k] for k in layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
