@@ -40,6 +40,7 @@ _BUILTIN: dict[str, str] = {
     "cvae": "medsynth.models.latent.autoencoder:CVAEModel",
     "flow": "medsynth.models.flow.model:FlowModel",
     "cyclegan": "medsynth.models.translation.cyclegan:CycleGANModel",
+    "pix2pix": "medsynth.models.gan.pix2pix:Pix2PixModel",
 }
 _LOADED: dict[str, type[GenerativeModel]] = {}
 
