@@ -41,6 +41,7 @@ _BUILTIN: dict[str, str] = {
     "flow": "medsynth.models.flow.model:FlowModel",
     "cyclegan": "medsynth.models.translation.cyclegan:CycleGANModel",
     "pix2pix": "medsynth.models.gan.pix2pix:Pix2PixModel",
+    "spade": "medsynth.models.gan.spade:SpadeModel",
 }
 _LOADED: dict[str, type[GenerativeModel]] = {}
 

@@ -40,9 +40,7 @@ def multiscale_discriminator(in_channels: int, channels: int, num_d: int, num_la
     )  # fmt: skip
 
 
-def spade_generator(
-    n_labels: int, size: int, channels: Sequence[int], z_dim: int | None, hidden: int
-) -> nn.Module:
+def spade_generator(n_labels: int, size: int, channels: Sequence[int], z_dim: int | None, hidden: int) -> nn.Module:
     """MONAI ``SPADENet`` with a tanh head. ``z_dim`` set: VAE-GAN (its encoder is the style encoder);
     ``None``: the decoder starts from the downsampled label map and needs no ``z``.
 

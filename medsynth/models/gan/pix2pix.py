@@ -137,9 +137,9 @@ class Pix2PixModel(LabelGAN, Sampler):
             loss_l1 = F.l1_loss(fake, x)
             return loss_adv + cfg.lambda_l1 * loss_l1, {"adv": float(loss_adv.detach()), "l1": float(loss_l1.detach())}
 
-        betas = (0.5, 0.999)
+        betas, d_lr = (0.5, 0.999), cfg.disc_lr or cfg.lr
         steps = [
-            self.make_step("discriminator", disc.parameters(), disc_loss, [disc], lr=cfg.disc_lr or cfg.lr, betas=betas),
+            self.make_step("discriminator", disc.parameters(), disc_loss, [disc], lr=d_lr, betas=betas),
             self.make_step("generator", gen.parameters(), gen_loss, [gen], betas=betas),
         ]
         t0 = time.perf_counter()
