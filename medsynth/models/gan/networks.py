@@ -46,8 +46,9 @@ def spade_generator(n_labels: int, size: int, channels: Sequence[int], z_dim: in
 
     ``SPADENet`` reverses its ``channels`` list in place (and the decoder appends to it), so it gets a fresh
     list here and the caller's sequence stays as configured."""
-    return SPADENet(
+    net = SPADENet(
         spatial_dims=2, in_channels=1, out_channels=1, label_nc=n_labels, input_shape=(size, size),
         channels=list(channels), z_dim=z_dim, is_vae=z_dim is not None, spade_intermediate_channels=hidden,
-        norm="INSTANCE", last_act="TANH",
+        norm="BATCH", last_act="TANH",  # batch norm as in Park et al.: instance norm would erase a global style
     )  # fmt: skip
+    return net

@@ -1,13 +1,17 @@
 """SPADE: label map → image with spatially-adaptive normalisation (Park et al., CVPR 2019), with an optional VAE
-style encoder (VAE-GAN) for style transfer across scanners.
+style encoder (VAE-GAN) for random styles.
 
 Generator: MONAI ``SPADENet`` (:func:`~medsynth.models.gan.networks.spade_generator`; one-hot canonical label
 maps, K = 6 channels, modulate every residual block). With ``style_encoder`` (default) its encoder maps an
 image to a Gaussian style code ``z`` (``z_dim``): training encodes the real image, reparameterises and
 reconstructs it from (label map, z), with a KL term (``lambda_kl``) pulling the codes towards N(0, I).
-:meth:`SpadeModel.sample` then draws ``z`` ~ N(0, I) from ``seed`` (a random style); :meth:`sample_with_style`
-uses the mean code of a reference image (the appearance of that scanner, on new anatomy). Without the encoder
-the decoder starts from the downsampled label map and is deterministic per label map.
+:meth:`SpadeModel.sample` then draws ``z`` ~ N(0, I) from ``seed`` (a random style). Without the encoder the
+decoder starts from the downsampled label map and is deterministic per label map.
+
+Not offered (yet): rendering in the appearance of a *reference* image. The encoder's posterior-mean code of a
+reference is used for the held-out reconstruction L1 (:meth:`SpadeModel.evaluate`), but at the budgets tried
+(phantom scanners A/B, ≤ 300 steps at 32 px) the codes of the two scanners' images came out nearly equal
+(posterior collapse), so no style-transfer capability is declared.
 
 Discriminator: MONAI ``MultiScalePatchDiscriminator`` (``num_d`` PatchGANs of ``disc_layers``,
 2·``disc_layers``, … layers; ``disc_layers`` 2 at 64–128 px) on (one-hot label, image) pairs. Losses: hinge
@@ -37,9 +41,8 @@ from torch import nn
 
 from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
-from medsynth.errors import CapabilityError
 from medsynth.labels import N_CLASSES
-from medsynth.models.base import Sampler, Samples, StyleTransfer
+from medsynth.models.base import Sampler, Samples
 from medsynth.models.gan.common import LabelGAN, LabelGANConfig
 from medsynth.models.gan.losses import Adversarial, AdversarialKind, feature_matching, kl_normal
 from medsynth.models.gan.networks import multiscale_discriminator, spade_generator
@@ -83,8 +86,8 @@ class SpadeConfig(LabelGANConfig):
         return self
 
 
-class SpadeModel(LabelGAN, Sampler, StyleTransfer):
-    """SPADE generator from label maps; with the style encoder, random or reference-image styles."""
+class SpadeModel(LabelGAN, Sampler):
+    """SPADE generator from label maps; with the style encoder, a random style per seed."""
 
     family: ClassVar[str] = "spade"
     Config: ClassVar[type[StrictModel]] = SpadeConfig
@@ -97,12 +100,6 @@ class SpadeModel(LabelGAN, Sampler, StyleTransfer):
             "image_size": 16, "channels": (4, 8), "spade_hidden": 4, "z_dim": 4, "disc_channels": 4, "num_d": 2,
             "disc_layers": 1, "steps": 3, "batch_size": 2, "progress": False,
         }  # fmt: skip
-
-    def supports(self, capability: str) -> bool:
-        # reference-image styles need the style encoder
-        if capability == "style" and not self.config.style_encoder:
-            return False
-        return super().supports(capability)
 
     def build_modules(self) -> dict[str, nn.Module]:
         cfg = self.config
@@ -217,19 +214,3 @@ class SpadeModel(LabelGAN, Sampler, StyleTransfer):
         if n == 0:
             return Samples(np.zeros((0, 1, *labels.shape[1:]), np.float32), labels)
         return Samples(images=self.back(self._run(labels, None, seed), labels.shape[1:]), labels=labels)
-
-    def sample_with_style(self, labels: np.ndarray, reference_images: np.ndarray, seed: int = 0) -> Samples:
-        """One image per label map ``labels`` (n, H, W) in the appearance of ``reference_images``
-        (n, 1, H', W', slice scale; the posterior-mean style code of each). Deterministic (``seed`` unused)."""
-        self._require_fitted()
-        if not self.supports("style"):
-            raise CapabilityError(self.family, "style", "fitted without the style encoder (style_encoder: false)")
-        labels = self.check_labels(labels)
-        refs = np.asarray(reference_images, dtype=np.float32)
-        if refs.ndim != 4 or refs.shape[1] != 1 or len(refs) != len(labels):
-            raise ValueError(f"reference_images: expected ({len(labels)}, 1, H, W), got {refs.shape}")
-        if not np.all(np.isfinite(refs)):
-            raise ValueError("reference_images: contain NaN/Inf")
-        if len(labels) == 0:
-            return Samples(np.zeros((0, 1, *labels.shape[1:]), np.float32), labels)
-        return Samples(images=self.back(self._run(labels, refs, seed), labels.shape[1:]), labels=labels)
