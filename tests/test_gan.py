@@ -178,3 +178,12 @@ def test_deformed_lge_label_maps_with_scar_and_mvo_through_the_augment_path(fami
     assert np.isin(out.labels, (SCAR, MVO)).any()
     again, _ = synthesize(model, lge, 6, seed=0, deformation={"rotate_deg": 10.0, "scale": 0.1})
     np.testing.assert_array_equal(again.images, out.images)
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_same_fit_seed_gives_the_same_model(family: str, cine: SliceSet) -> None:
+    cfg = {**CONFIGS[family], "steps": 4}
+    a, b = create_model(family, cfg), create_model(family, cfg)
+    a.fit(cine, seed=3)
+    b.fit(cine, seed=3)
+    assert a.model_hash == b.model_hash
