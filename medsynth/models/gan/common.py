@@ -1,11 +1,14 @@
 """What pix2pix and SPADE share: the working-size config keys, the intensity scaling between medsynth's slice
-scale and the generator's [-1, 1] tanh range, label-map checks, the paired training data and the
+scale and the generators' standardised scale, label-map checks, the paired training data and the
 resize-back of samples.
 
-Slice intensities are robust-normalised (about [0, 1], not clipped above). The generator works on
-``2 (x - lo) / (hi - lo) - 1`` with ``lo`` / ``hi`` from the training images (``hi`` with a ``headroom``
-margin above the brightest training pixel, so bright values are not clipped at the training maximum);
-samples are mapped back, so they lie in [lo, hi].
+Slice intensities are robust-normalised (about [0, 1], not clipped above). The generators have a linear head
+and work on standardised intensities ``(x - center) / scale`` (mean and standard deviation of the training
+pixels): a fresh generator's output (about 0) is then the training mean, so it learns tissue levels from
+there. An image-range tanh head (pix2pix's [-1, 1]) was tried first: with ACDC's bright outliers (max about
+4× the robust range) the background sat in the saturated tail and the L1 had barely fallen after 300 steps.
+Samples are mapped back and bounded to the training range widened by ``headroom`` at both ends, so values
+above 1 are produced where the training data has them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ class LabelGANConfig(TorchConfig):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-4, gt=0, description="generator learning rate")
     disc_lr: float | None = Field(None, gt=0, description="discriminator learning rate (TTUR); null = lr")
-    headroom: float = Field(0.1, ge=0, description="margin above the training intensity range, as a fraction")
+    headroom: float = Field(
+        0.1, ge=0, description="margin beyond the training intensity range at both ends, as a fraction of it"
+    )
 
 
 class LabelGAN(TorchFamily):
@@ -43,23 +48,27 @@ class LabelGAN(TorchFamily):
         super().__init__(config)
         self.native: tuple[int, int] = (self.config.image_size, self.config.image_size)
         self.lo, self.hi = 0.0, 1.0
+        self.center, self.scale = 0.0, 1.0
 
     # ---- intensity scale -----------------------------------------------------------------------------
     def set_scale(self, images: np.ndarray) -> None:
         lo, hi = float(np.min(images)), float(np.max(images))
         span = max(hi - lo, 1e-6)
-        self.lo, self.hi = lo, hi + self.config.headroom * span
+        self.lo, self.hi = lo - self.config.headroom * span, hi + self.config.headroom * span
+        self.center = float(np.mean(images, dtype=np.float64))
+        self.scale = max(float(np.std(images, dtype=np.float64)), 1e-6)
 
     def to_gen(self, images: np.ndarray) -> np.ndarray:
-        """Slice scale → generator scale [-1, 1] (same shape)."""
-        return (2.0 * (images - self.lo) / (self.hi - self.lo) - 1.0).astype(np.float32)
+        """Slice scale → the generator's standardised scale (same shape)."""
+        return ((images - self.center) / self.scale).astype(np.float32)
 
     def from_gen(self, y: np.ndarray) -> np.ndarray:
-        return ((y + 1.0) * 0.5 * (self.hi - self.lo) + self.lo).astype(np.float32)
+        """Generator scale → slice scale, bounded to the widened training range [lo, hi]."""
+        return np.clip(y * self.scale + self.center, self.lo, self.hi).astype(np.float32)
 
     # ---- data ----------------------------------------------------------------------------------------
     def paired(self, slices: SliceSet) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images (N, 1, s, s) on the generator scale, labels (N, s, s) int64) on the device."""
+        """(images (N, 1, s, s) on the generator's scale, labels (N, s, s) int64) on the device."""
         s = self.config.image_size
         x = self.tensor(self.to_gen(to_size(slices.images, s)))
         lab = self.tensor(labels_to_size(slices.labels.astype(np.uint8), s), dtype=torch.long)
@@ -86,8 +95,10 @@ class LabelGAN(TorchFamily):
 
     # ---- state beside the weights ----------------------------------------------------------------------
     def extra_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        return {}, {"native": list(self.native), "lo": self.lo, "hi": self.hi}
+        meta = {"native": list(self.native), "lo": self.lo, "hi": self.hi, "center": self.center, "scale": self.scale}
+        return {}, meta
 
     def load_extra_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self.native = (int(meta["native"][0]), int(meta["native"][1]))
         self.lo, self.hi = float(meta["lo"]), float(meta["hi"])
+        self.center, self.scale = float(meta["center"]), float(meta["scale"])

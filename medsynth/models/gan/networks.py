@@ -2,7 +2,8 @@
 ``benchmarks/bench_gan.py``'s raw loop build exactly the same networks).
 
 Layouts: label maps enter as (N, K, s, s) one-hot float (K = :data:`medsynth.labels.N_CLASSES`, so scar and MVO
-are channels of their own), images as (N, 1, s, s) on the generator's [-1, 1] scale.
+are channels of their own), images as (N, 1, s, s) on the generators' standardised scale (linear heads; see
+:mod:`medsynth.models.gan.common`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from torch import nn
 
 
 def unet_generator(in_channels: int, channels: Sequence[int], num_res_units: int, dropout: float) -> nn.Module:
-    """pix2pix generator: a MONAI ``UNet`` (stride-2 levels, instance norm, skip connections) with a tanh head,
-    (N, in_channels, s, s) → (N, 1, s, s) in [-1, 1]; ``s`` divisible by 2^(len(channels)-1)."""
-    net = UNet(
+    """pix2pix generator: a MONAI ``UNet`` (stride-2 levels, instance norm, skip connections, linear head),
+    (N, in_channels, s, s) → (N, 1, s, s); ``s`` divisible by 2^(len(channels)-1)."""
+    return UNet(
         spatial_dims=2, in_channels=in_channels, out_channels=1, channels=tuple(channels),
         strides=(2,) * (len(channels) - 1), num_res_units=num_res_units, norm="INSTANCE", dropout=dropout,
     )  # fmt: skip
-    return nn.Sequential(net, nn.Tanh())
 
 
 def patch_discriminator(in_channels: int, channels: int, num_layers: int) -> nn.Module:
@@ -41,7 +41,7 @@ def multiscale_discriminator(in_channels: int, channels: int, num_d: int, num_la
 
 
 def spade_generator(n_labels: int, size: int, channels: Sequence[int], z_dim: int | None, hidden: int) -> nn.Module:
-    """MONAI ``SPADENet`` with a tanh head. ``z_dim`` set: VAE-GAN (its encoder is the style encoder);
+    """MONAI ``SPADENet`` with a linear head. ``z_dim`` set: VAE-GAN (its encoder is the style encoder);
     ``None``: the decoder starts from the downsampled label map and needs no ``z``.
 
     ``SPADENet`` reverses its ``channels`` list in place (and the decoder appends to it), so it gets a fresh
@@ -49,6 +49,6 @@ def spade_generator(n_labels: int, size: int, channels: Sequence[int], z_dim: in
     net = SPADENet(
         spatial_dims=2, in_channels=1, out_channels=1, label_nc=n_labels, input_shape=(size, size),
         channels=list(channels), z_dim=z_dim, is_vae=z_dim is not None, spade_intermediate_channels=hidden,
-        norm="BATCH", last_act="TANH",  # batch norm as in Park et al.: instance norm would erase a global style
+        norm="BATCH", last_act=None,  # batch norm as in Park et al.: instance norm would erase a global style
     )  # fmt: skip
     return net

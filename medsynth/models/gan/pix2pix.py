@@ -1,6 +1,6 @@
 """pix2pix: label map → image with a U-Net generator and a PatchGAN discriminator (Isola et al., CVPR 2017).
 
-The generator (MONAI ``UNet`` + tanh, :func:`~medsynth.models.gan.networks.unet_generator`) sees the one-hot
+The generator (MONAI ``UNet``, :func:`~medsynth.models.gan.networks.unet_generator`) sees the one-hot
 canonical label map (K = 6 channels: background, LV, myocardium, RV, scar, MVO, so EMIDEC scar / MVO condition
 the image like any other class) plus ``noise_channels`` channels of coarse Gaussian noise (drawn on a
 ``noise_res`` grid and upsampled bilinearly) for diversity; the noise is seeded, so the same seed gives the same
@@ -153,7 +153,7 @@ class Pix2PixModel(LabelGAN, Sampler):
 
     @torch.no_grad()
     def evaluate(self, slices: SliceSet) -> dict[str, float]:
-        """Held-out L1 between generated (seed 0) and real images, on the generator's [-1, 1] scale."""
+        """Held-out L1 between generated (seed 0) and real images, on the generator's standardised scale."""
         self._require_fitted()
         x, _ = self.paired(slices)
         y = self._run(self.check_labels(slices.labels), seed=0)

@@ -173,7 +173,7 @@ class SpadeModel(LabelGAN, Sampler):
 
     @torch.no_grad()
     def evaluate(self, slices: SliceSet) -> dict[str, float]:
-        """Held-out L1 on the generator's [-1, 1] scale: random style (seed 0), and with the style encoder the
+        """Held-out L1 on the generator's standardised scale: random style (seed 0), and with the style encoder the
         reconstruction from each slice's own style code."""
         self._require_fitted()
         x, _ = self.paired(slices)
