@@ -19,6 +19,7 @@ interface          capability  method(s)
 :class:`Translator` ``translate`` ``translate(images, seed=0, direction="forward")``,
                                ``translation_domains(slices, direction="forward") -> TranslationDomains``
 :class:`ScarInserter` ``scar`` ``insert_scar(images, labels, seed=0) -> Samples``
+:class:`StyleTransfer` ``style`` ``sample_with_style(labels, reference_images, seed=0) -> Samples``
 =================  ==========  =====================================================================================
 
 Callers ask ``model.supports("sample")`` (a fitted model may lack one its family declares, e.g. a GMM fitted
@@ -154,13 +155,25 @@ class ScarInserter(Capability):
         (n, H, W) → new pairs in which only myocardium changed."""
 
 
+class StyleTransfer(Capability):
+    """Label-conditioned synthesis in the appearance of reference images (capability ``style``)."""
+
+    capability: ClassVar[str] = "style"
+
+    @abstractmethod
+    def sample_with_style(self, labels: np.ndarray, reference_images: np.ndarray, seed: int = 0) -> Samples:
+        """One image per label map ``labels`` (n, H, W) in the appearance (scanner / contrast style) of
+        ``reference_images`` (n, 1, H', W'), one reference per label map, on the slice intensity scale; the
+        references' anatomy is not copied."""
+
+
 #: Methods of each capability, so calling one a family does not declare raises CapabilityError.
 CAPABILITY_METHODS: dict[str, str] = {
     method: iface.capability
-    for iface in (Sampler, ContextSampler, Scorer, Translator, ScarInserter)
+    for iface in (Sampler, ContextSampler, Scorer, Translator, ScarInserter, StyleTransfer)
     for method in sorted(iface.__abstractmethods__)
 }
-CAPABILITIES: tuple[str, ...] = ("sample", "context", "score", "translate", "scar")
+CAPABILITIES: tuple[str, ...] = ("sample", "context", "score", "translate", "scar", "style")
 
 
 def declared_capabilities(cls: type) -> frozenset[str]:

@@ -46,6 +46,8 @@ _BUILTIN: dict[str, str] = {
     "ldm": "medsynth.models.diffusion.ldm:LDMModel",
     "cut": "medsynth.models.translation.cut:CUTModel",
     "fastcut": "medsynth.models.translation.cut:FastCUTModel",
+    "pix2pix": "medsynth.models.gan.pix2pix:Pix2PixModel",
+    "spade": "medsynth.models.gan.spade:SpadeModel",
 }
 _LOADED: dict[str, type[GenerativeModel]] = {}
 

@@ -1,0 +1,2 @@
+"""Label-conditioned GANs: ``pix2pix`` (U-Net + PatchGAN) and ``spade`` (SPADE generator, multi-scale PatchGAN,
+optional VAE style encoder)."""
