@@ -81,7 +81,10 @@ def plot_sample_grid(real: np.ndarray, synthetic: np.ndarray, path: str | Path, 
 def plot_dice_boxes(per_case: pd.DataFrame, path: str | Path) -> Path:
     """Per-class box plots of per-patient Dice (seed-averaged), one box per arm."""
     plt = _plt()
-    pc = per_case.groupby(["arm", "class", "case"], sort=False)["dice"].mean().reset_index()
+    pc = per_case
+    if "n_real_patients" in pc and pc.groupby("arm")["n_real_patients"].nunique().max() > 1:
+        pc = pc.assign(arm=pc["arm"] + " n=" + pc["n_real_patients"].astype(str))  # one box per curve point
+    pc = pc.groupby(["arm", "class", "case"], sort=False)["dice"].mean().reset_index()
     classes = list(dict.fromkeys(pc["class"]))
     arms = list(dict.fromkeys(pc["arm"]))
     fig, axes = plt.subplots(1, max(len(classes), 1), figsize=(2.4 * max(len(classes), 1), 3), squeeze=False)
@@ -160,27 +163,29 @@ def write_segmentation_report(
         write_csv(timings, out / "timings.csv")
     write_csv(summary, out / "summary.csv")
     plot_dice_boxes(per_case, out / "dice_boxes.png")
-    cols = [
-        "arm",
-        "class",
-        "n_seeds",
-        "dice_mean",
-        "dice_std",
-        "hd95_mean",
-        "hd95_std",
-        "dice_diff_vs_real",
-        "dice_diff_ci_low",
-        "dice_diff_ci_high",
-    ]
-    unit = per_case["hd95_unit"].iloc[0] if len(per_case) else "px"
+    plot_learning_curve(summary, out / "learning_curve.png")
+    from medsynth.evaluation.segmentation import reach_statements
+
+    units = per_case["hd95_unit"].dropna().unique() if len(per_case) else []
+    unit = str(units[0]) if len(units) == 1 else "mm or px"
+    curve, per_class = segmentation_tables(summary, unit)
     parts = [
         "# Downstream segmentation report",
         "",
-        "2-D MONAI U-Net (DiceCE), evaluated per test patient volume in 3-D. Dice / HD95 "
-        f"({unit}) are means over test volumes; mean ± std over seeds; the difference to real-only is paired by "
-        "seed and test volume, with a bootstrap CI over test volumes.",
+        "2-D MONAI U-Net (DiceCE), evaluated per test patient volume in 3-D. Dice is a fraction (0–1), HD95 in "
+        f"{unit}; means over test volumes, mean ± SD over seeds; differences to real-only (in Dice points, "
+        "1 point = 0.01) are paired by seed and test volume at the same number of real patients, with a "
+        "bootstrap CI over test volumes.",
         "",
-        md_table(summary[[c for c in cols if c in summary.columns]]),
+        segmentation_paragraph(summary, unit),
+        "",
+        "![learning curve](learning_curve.png)",
+        "",
+        reach_paragraph(reach_statements(summary)),
+        "",
+        md_table(curve),
+        "",
+        md_table(per_class),
         "",
         "![dice](dice_boxes.png)",
     ]
@@ -381,7 +386,7 @@ def segmentation_tables(summary: pd.DataFrame, unit: str = "mm") -> tuple[pd.Dat
         return f"{spec.format(scale * d)} {ci}"
 
     def pm(mean, std, spec: str) -> str:
-        return fmt(mean, spec) + ("" if pd.isna(std) else f" ± {spec.format(std)}")
+        return fmt(mean, spec) + ("" if pd.isna(std) or pd.isna(mean) else f" ± {spec.format(std)}")
 
     curve, per_class = [], []
     for _, r in summary.iterrows():
