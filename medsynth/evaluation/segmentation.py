@@ -526,8 +526,8 @@ def run_segmentation_protocol(
     :func:`per_seed_table` and :func:`summarise`.
     """
     cfg = config or SegmentationConfig()
-    sets = {"synthetic": synthetic} if not isinstance(synthetic, dict | type(None)) else dict(synthetic or {})
-    sets = {k: v for k, v in sets.items() if v is not None and len(v)}
+    named = synthetic if isinstance(synthetic, dict) else {"synthetic": synthetic}
+    sets = {k: v for k, v in named.items() if v is not None and len(v)}
     plan = arm_plan(cfg.arms, sorted(sets))
     if not sets and any(kind != "real" for kind in cfg.arms):
         log.info("no synthetic set: running the real-only arm")
