@@ -39,11 +39,12 @@ def test_paragraph_says_better_worse_or_crossing_zero():
     down = rp.segmentation_paragraph(_summary(-0.037, -0.047, -0.027, 1.0, 0.5, 2.0), "mm")
     assert "-3.7 Dice points" in down and "entirely below zero: worse than real-only" in down
     assert down.startswith("No arm with synthetic data beat real-only")
+    assert "Worse than real-only, with the CI below zero: real+gmm with 2 real patients (-3.7 points)" in down
     assert "entirely above zero: worse than real-only" in down  # HD95 up = worse
 
     cross = rp.segmentation_paragraph(_summary(0.01, -0.01, 0.03, 0.2, -0.5, 0.9), "px")
     assert cross.count("the CI crosses zero") == 2 and "HD95 changed by +0.2 px" in cross
-    assert cross.startswith("No arm")
+    assert cross.startswith("No arm") and "Worse than" not in cross
     for text in (up, down, cross):
         assert not re.search(r"\bnan\b", text, re.IGNORECASE)
 

@@ -320,7 +320,7 @@ def segmentation_paragraph(summary: pd.DataFrame, unit: str = "mm", ci: float = 
     real = m[m["arm"] == "real"].set_index("n_real_patients")
     pct = f"{ci:.0%}"
     lines = []
-    helped = []
+    helped, hurt = [], []
     for _, row in m[m["arm"] != "real"].iterrows():
         n, ref_n = int(row["n_real_patients"]), row.get("reference_n")
         d, lo, hi = row["dice_diff_vs_real"], row["dice_diff_ci_low"], row["dice_diff_ci_high"]
@@ -338,12 +338,14 @@ def segmentation_paragraph(summary: pd.DataFrame, unit: str = "mm", ci: float = 
         hd, hlo, hhi = row["hd95_diff_vs_real"], row["hd95_diff_ci_low"], row["hd95_diff_ci_high"]
         if pd.notna(hd):
             text += (
-                f" HD95 changed by {hd:+.1f} {unit} ({pct} CI {hlo:+.1f} to {hhi:+.1f}; lower is better): "
+                f" HD95 changed by {hd:+.1f} {unit} ({pct} CI {hlo:+.1f} to {hhi:+.1f}; lower is better); "
                 f"{_sign_words(hd, hlo, hhi, higher_better=False)}."
             )
         lines.append(text)
         if pd.notna(lo) and lo > 0:
             helped.append((d, row["arm"], n))
+        if pd.notna(hi) and hi < 0:
+            hurt.append(f"{row['arm']} with {n} real patients ({100 * d:+.1f} points)")
     if not lines:
         return "Only the real-only arm ran: there is nothing to compare it with."
     if helped:
@@ -352,6 +354,8 @@ def segmentation_paragraph(summary: pd.DataFrame, unit: str = "mm", ci: float = 
                f"{100 * d:+.1f} Dice points over real-only."  # fmt: skip
     else:
         head = "No arm with synthetic data beat real-only with a CI above zero."
+    if hurt:
+        head += " Worse than real-only, with the CI below zero: " + "; ".join(hurt) + "."
     return head + "\n\n" + "\n".join(lines)
 
 
@@ -452,6 +456,16 @@ def plot_learning_curve(summary: pd.DataFrame, path: str | Path, ci: float = 0.9
     return _save(fig, Path(path))
 
 
+def _panel_title(row: pd.Series, i: int) -> str:
+    """Subject (last characters), phase and slice of one panel, as far as the metadata says."""
+    parts = [str(row["subject_id"])[-16:]] if "subject_id" in row and pd.notna(row["subject_id"]) else [f"#{i}"]
+    if "phase" in row and isinstance(row["phase"], str) and row["phase"]:
+        parts.append(row["phase"])
+    if "slice_index" in row and pd.notna(row["slice_index"]) and str(row["slice_index"]) != "":
+        parts.append(f"z{row['slice_index']}")
+    return " ".join(parts)
+
+
 def plot_samples(
     real, synth_sets: list[tuple[str, object]], path: str | Path, n: int = 6, first: str = "real (held-out)"
 ) -> Path:
@@ -481,8 +495,8 @@ def plot_samples(
                 i = idx[c]
                 present |= set(np.unique(s.labels[i]).tolist())
                 ax.imshow(overlay(s.images[i, 0], s.labels[i]), interpolation="nearest")
-                ax.set_title(f"{name} #{i}" if c == 0 else f"#{i}", fontsize=7)
-        axes[r, 0].set_ylabel(name, fontsize=8)
+                ax.set_title(_panel_title(s.meta.iloc[i], i), fontsize=6)
+        axes[r, 0].set_ylabel(name, fontsize=9, fontweight="bold")
     handles = [Patch(color=col, label=CANONICAL[k]) for k, col in COLOURS.items() if k in present] or [
         Patch(color=col, label=CANONICAL[k]) for k, col in COLOURS.items()
     ]
