@@ -22,7 +22,7 @@ setup: $(BIN)/python
 	$(BIN)/pip uninstall --quiet --yes argparse
 
 quickstart: setup
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/medsynth run configs/quickstart.yaml --out runs
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/medsynth run configs/quickstart.yaml --out runs --overwrite
 
 test:
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q

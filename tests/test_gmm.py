@@ -212,12 +212,20 @@ def test_emidec_fit_runs_and_beats_baselines(emidec: SliceSet) -> None:
         assert w_fit[name] < w_ss[name] and w_fit[name] < w_tio[name], (name, w_fit, w_ss, w_tio)
 
 
-def test_white_texture_mode_keeps_histograms_drops_correlation(fitted: GMMModel, tiny: SliceSet) -> None:
+@pytest.fixture(scope="module")
+def fitted_field(tiny: SliceSet) -> GMMModel:
+    """The background as one random field (``surroundings: field``): one class outside the heart."""
+    model = create_model("gmm", {"n_components": 2, "surroundings": "field"})
+    model.fit(tiny, seed=0)
+    return model
+
+
+def test_white_texture_mode_keeps_histograms_drops_correlation(fitted_field: GMMModel, tiny: SliceSet) -> None:
     labels = np.repeat(tiny.labels[:1], 16, axis=0)
     quiet = {"blur_sigma": (0.0, 0.0), "bias_coefficient": 0.0, "noise_std": (0.0, 0.0)}
-    white = GMMModel({"n_components": 2, "texture": "white", "degrade": quiet})
-    corr = GMMModel({"n_components": 2, "degrade": quiet})
-    arrays, meta = fitted.get_state()
+    white = GMMModel({"n_components": 2, "texture": "white", "degrade": quiet, "surroundings": "field"})
+    corr = GMMModel({"n_components": 2, "degrade": quiet, "surroundings": "field"})
+    arrays, meta = fitted_field.get_state()
     arrays = dict(arrays, smooth_frac=np.full_like(arrays["smooth_frac"], 0.9))
     arrays.update(long_frac=np.zeros_like(arrays["long_frac"]), length=np.full_like(arrays["length"], 3.0))
     for m in (white, corr):
@@ -266,3 +274,61 @@ def test_batched_blur_matches_scipy_per_image() -> None:
     assert np.abs(gaussian_blur(x, sigma) - ref).max() < 1e-5
     with pytest.raises(ValueError, match="sigma"):
         gaussian_blur(x, sigma[:2])
+
+
+def _outline_measures(images: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Per image (N, 2): share of the image that is dark *and* connected to the border (outside the body),
+    and share of a 4-px ring around the heart that is not dark (body tissue around the heart)."""
+    from scipy import ndimage
+
+    out = []
+    for im, lab in zip(images, labels, strict=True):
+        dark = ndimage.gaussian_filter(im, 1.5) < threshold
+        comp, _ = ndimage.label(dark, structure=np.ones((3, 3), bool))
+        edge = list(set(np.unique(np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]]))) - {0})
+        outside = np.isin(comp, edge) & dark
+        heart = lab > 0
+        ring = ndimage.binary_dilation(heart, iterations=4) & ~heart
+        out.append((outside.mean(), 1.0 - dark[ring].mean()))
+    return np.array(out)
+
+
+def test_partition_samples_have_a_body_outline(tmp_path_factory) -> None:
+    """Whole-image synthesis on the phantom: like the real slices, samples have a dark outside connected to
+    the border and body tissue (not dark blotches) around the heart; the single random field has not."""
+    from slice_sets import phantom_slices
+
+    from medsynth.synthesis.partition import OUTSIDE, partition_slices
+    from medsynth.transforms.label_deformation import RandomLabelDeformation
+
+    real = phantom_slices(tmp_path_factory.mktemp("phantom") / "p", subjects=6)
+    part = partition_slices(real.images, real.labels)
+    img = real.images[:, 0]
+    threshold = 0.5 * (img[part == OUTSIDE].mean() + img[part >= 2].mean())  # outside vs body, from real data
+    rng = np.random.default_rng(0)
+    deform = RandomLabelDeformation()
+    labels = np.stack([deform(real.labels[i], rng)[0] for i in rng.integers(0, len(real), 32)])
+    ref = _outline_measures(img, real.labels, threshold)
+    got = {}
+    for mode in ("partition", "field"):
+        model = GMMModel({"surroundings": mode})
+        model.fit(real, seed=0)
+        assert model.uses_partition == (mode == "partition")
+        out = model.sample(len(labels), labels, seed=1)
+        np.testing.assert_array_equal(out.labels, labels)  # canonical labels back, no partition codes
+        got[mode] = _outline_measures(out.images[:, 0], labels, threshold)
+    p = got["partition"]
+    assert np.mean(p[:, 0] > 0.03) >= 0.8 * np.mean(ref[:, 0] > 0.03)
+    assert np.median(p[:, 1]) >= np.median(ref[:, 1]) - 0.15
+    assert np.median(p[:, 1]) > np.median(got["field"][:, 1])
+
+
+def test_partition_state_is_uint8_and_round_trips(fitted: GMMModel, tiny: SliceSet, tmp_path: Path) -> None:
+    arrays, _ = fitted.get_state()
+    assert arrays["partition_bank"].dtype == np.uint8 and arrays["partition_bank"].shape[1:] == tiny.labels.shape[1:]
+    fitted.save(tmp_path / "m")
+    again = GenerativeModel.load(tmp_path / "m")
+    assert again.uses_partition
+    a = fitted.sample(3, tiny.labels[:3], seed=2).images
+    np.testing.assert_array_equal(a, again.sample(3, tiny.labels[:3], seed=2).images)
+    assert fitted.n_render_classes == len(fitted.arrays["mode"][0]) > 6

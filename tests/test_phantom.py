@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from medsynth.cli.main import main as cli_main
 from medsynth.data.manifest import COLUMNS, load_manifest
@@ -38,7 +39,8 @@ def lge_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cine_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom") / "cine"
-    generate_dataset(out, subjects=4, contrast="cine", scanner="A", seed=5, **SMALL)
+    # the LGE share of infarcts, so cine and LGE subjects are the same (paired) hearts
+    generate_dataset(out, subjects=4, contrast="cine", scanner="A", seed=5, scar_prob=0.75, **SMALL)
     return out
 
 
@@ -261,3 +263,66 @@ def test_figure_against_real_data(test_data_root: Path, tmp_path: Path) -> None:
     assert (lab == SCAR).any()
     out = make_figure(test_data_root, tmp_path / "fig.png")
     assert out.stat().st_size < 300_000
+
+
+def test_both_ventricles_eject_physiological_stroke_volumes() -> None:
+    """Adult ranges: LV and RV stroke volume ~ 60–100 ml (45–110 allowed: infarcts, small hearts), RVEF
+    45–65 %; both from the label maps of the default 1.5 × 1.5 × 8 mm stack, cine and LGE the same heart."""
+    for index in range(6):
+        subj = phantom_subject(3, index, "cine")
+        vol = {
+            ph: {c: int((subj[ph][1].array == c).sum()) * 1.5 * 1.5 * 8.0 / 1000 for c in (LV, RV)}
+            for ph in ("ED", "ES")
+        }
+        for c in (LV, RV):
+            assert vol["ED"][c] > vol["ES"][c], (index, c, vol)
+            assert 45.0 < vol["ED"][c] - vol["ES"][c] < 110.0, (index, c, vol)
+        assert 0.45 < 1.0 - vol["ES"][RV] / vol["ED"][RV] < 0.65, (index, vol)
+        p = subj["params"]
+        assert p["stroke_volume_ml"] == pytest.approx(vol["ED"][LV] - vol["ES"][LV], abs=0.01)
+        assert p["rv_stroke_volume_ml"] == pytest.approx(vol["ED"][RV] - vol["ES"][RV], abs=0.01)
+
+
+def test_pathology_is_true_per_subject(tmp_path: Path) -> None:
+    """A subject is "infarct" exactly when its heart has a scar; cine cohorts default to few infarcts (ACDC-like),
+    so two default cine subjects are not both marked infarct."""
+    m = generate_dataset(tmp_path / "cine", subjects=2, contrast="cine", seed=0, **SMALL)
+    df, _ = load_manifest(m)
+    params = json.loads((tmp_path / "cine" / "phantom_params.json").read_text())["subjects"]
+    assert (df.groupby("subject_id")["pathology"].first() == "normal").all()
+    for root, n in ((generate_dataset(tmp_path / "lge", subjects=6, contrast="lge", seed=1, **SMALL).parent, 6),):
+        params = json.loads((root / "phantom_params.json").read_text())["subjects"]
+        assert len(params) == n
+        for p in params.values():
+            has_scar = p["phases"]["ED"]["scar_volume_ml"] > 0
+            assert (p["pathology"] == "infarct") == has_scar
+            assert (p["anatomy"]["scar"] is not None) == has_scar
+
+
+def test_surroundings_body_outline_chest_wall_liver() -> None:
+    """The thorax: air outside an irregular body outline (not one ellipse arc), a chest wall of fat, muscle
+    and ribs, and liver below the heart towards the apex."""
+    from medsynth.phantom.anatomy import AIR, FAT, LIVER, MUSCLE, RIB, Grid, render, sample_anatomy
+
+    grid = Grid((160, 160, 10), (2.0, 2.0, 8.0))
+    x, y, _ = grid.coords()
+    X, Y = np.meshgrid(x, y, indexing="ij")
+    for seed in range(3):
+        anat = sample_anatomy(np.random.default_rng(seed), "normal", 10)
+        tissue = render(anat, grid, ("ED",))["ED"]
+        codes = set(np.unique(tissue).tolist())
+        assert {AIR, FAT, MUSCLE, RIB, LIVER} <= codes
+        assert (tissue[:, :, -3:] == LIVER).sum() > (tissue[:, :, :3] == LIVER).sum()  # more liver apically
+        # body outline of a slice: its boundary is not an ellipse (algebraic conic fit residual > 1 mm)
+        body = ndimage.binary_fill_holes(tissue[:, :, 4] != AIR)
+        edge = body & ~ndimage.binary_erosion(body)
+        inner = edge[1:-1, 1:-1]
+        px, py = X[1:-1, 1:-1][inner], Y[1:-1, 1:-1][inner]
+        design = np.stack([px**2, px * py, py**2, px, py, np.ones_like(px)], axis=1)
+        coef = np.linalg.svd(design, full_matrices=False)[2][-1]
+        grad = np.hypot(2 * coef[0] * px + coef[1] * py + coef[3], coef[1] * px + 2 * coef[2] * py + coef[4])
+        residual_mm = np.abs(design @ coef) / np.maximum(grad, 1e-9)  # first-order distance to the conic
+        assert np.sqrt(np.mean(residual_mm**2)) > 1.0
+        # outside air touches the image border
+        outside = ~body
+        assert outside[0].any() or outside[-1].any() or outside[:, 0].any() or outside[:, -1].any()

@@ -42,7 +42,9 @@ def register(commands, evaluate) -> None:  # noqa: ARG001 - evaluate: no phantom
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=_shape, default=(128, 128, 10), help="XxYxZ voxels (default 128x128x10)")
     p.add_argument("--spacing", type=_spacing, default=(1.5, 1.5, 8.0), help="XxYxZ mm (default 1.5x1.5x8)")
-    p.add_argument("--scar-prob", type=float, default=0.75, help="fraction of infarct subjects (default 0.75)")
+    p.add_argument(
+        "--scar-prob", type=float, default=None, help="fraction of infarct subjects (default: cine 0.2, LGE 0.75)"
+    )
     p.set_defaults(func=run)
 
 

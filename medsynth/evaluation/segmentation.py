@@ -19,7 +19,7 @@ augmentation are columns of the per-case table.
 
 A seed fixes the patient order, the synthetic draw, the initialisation and the batches, so arms sharing a
 seed and n form a paired comparison. Test slices are grouped into volumes by ``meta['case']`` and ordered by
-``slice_index``; Dice and HD95 per class come from MONAI's ``DiceMetric`` / ``HausdorffDistanceMetric`` on
+``slice_index``; Dice and HD95 per class come from MONAI's ``DiceMetric`` / Hausdorff distance (:func:`hd95`) on
 the stacked (H, W, Z) volume at the training resolution (``image_size``²). HD95 is in mm when the slice
 ``record`` (JSON written by :mod:`medsynth.data.preprocess`) carries the source spacing, else in pixels of
 the evaluation grid (column ``hd95_unit``).
@@ -442,12 +442,30 @@ def _case_spacing(meta: pd.DataFrame, slice_hw: tuple[float, float], size: int) 
         return None, "px"
 
 
+def hd95(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...] | None = None) -> float:
+    """95th-percentile symmetric Hausdorff distance between two boolean masks of one shape (e.g. (H, W, Z)),
+    in the units of ``spacing`` (px without it); NaN when either mask is empty.
+
+    The numbers of MONAI's ``HausdorffDistanceMetric(percentile=95)``, computed through MONAI's edge and
+    surface-distance functions directly: the metric itself passes the deprecated ``always_return_as_numpy``
+    to ``get_mask_edges`` on every call (a FutureWarning in MONAI 1.5–1.6)."""
+    from monai.metrics.utils import get_mask_edges, get_surface_distance
+
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    if not pred.any() or not gt.any():
+        return float("nan")
+    edges_pred, edges_gt = get_mask_edges(pred, gt, crop=True)
+    d_pg = get_surface_distance(edges_pred, edges_gt, "euclidean", spacing)
+    d_gp = get_surface_distance(edges_gt, edges_pred, "euclidean", spacing)
+    return float(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
+
+
 def evaluate_cases(
     model: torch.nn.Module, test: SliceSet, cfg: SegmentationConfig, classes: list[int] | None = None
 ) -> pd.DataFrame:
     """Per-patient 3-D Dice and HD95 per class on the U-Net grid of ``cfg`` (whole slice or heart ROI): one
     row per (case, class)."""
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric
+    from monai.metrics import DiceMetric
 
     size = cfg.image_size
     x, gt_t, boxes = _inputs(test, cfg)
@@ -455,7 +473,6 @@ def evaluate_cases(
     gt = gt_t.numpy().astype(np.uint8)
     classes = classes or [c for c in range(1, N_CLASSES) if (test.labels == c).any()]
     dice_m = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
-    hd_m = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
     rows = []
     meta = test.meta.copy()
     meta["_row"] = np.arange(len(meta))
@@ -469,7 +486,7 @@ def evaluate_cases(
         p1 = torch.stack([torch.from_numpy(p == c) for c in classes])[None].float()
         g1 = torch.stack([torch.from_numpy(g == c) for c in classes])[None].float()
         dice = dice_m(p1, g1)[0].numpy()
-        hd = hd_m(p1, g1, spacing=spacing)[0].numpy() if spacing else hd_m(p1, g1)[0].numpy()
+        hd = [hd95(p == c, g == c, spacing) for c in classes]
         for k, c in enumerate(classes):
             present = bool(g1[0, k].any())
             pred_any = bool(p1[0, k].any())

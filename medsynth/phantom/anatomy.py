@@ -22,7 +22,7 @@ from medsynth.labels import LV, MVO, MYO, RV, SCAR
 
 # Tissue classes of the rendered object (finer than the label map: surroundings matter for the image).
 AIR, SOFT, FAT, MUSCLE, LUNG, LIVER, AORTA, EPIFAT, LV_BLOOD, MYOCARDIUM, RV_BLOOD, SCAR_T, MVO_T = range(13)
-PAPILLARY, RV_WALL, SPINE = 13, 14, 15
+PAPILLARY, RV_WALL, SPINE, RIB = 13, 14, 15, 16
 TISSUE_NAMES: dict[int, str] = {
     AIR: "air",
     SOFT: "soft_tissue",
@@ -40,6 +40,7 @@ TISSUE_NAMES: dict[int, str] = {
     PAPILLARY: "papillary",
     RV_WALL: "rv_wall",
     SPINE: "spine",
+    RIB: "rib",
 }
 N_TISSUES = len(TISSUE_NAMES)
 
@@ -97,6 +98,11 @@ class Anatomy:
     body_angle_deg: float
     fat_mm: float
     muscle_mm: float
+    body_harmonics: list[float]  # irregular body outline (flatter back, chest and flank bulges)
+    fat_harmonics: list[float]  # subcutaneous fat thickness varies around the body
+    muscle_harmonics: list[float]  # chest-wall muscle thickness (pectoral and intercostal muscles)
+    rib_phase_deg: float  # angular position of the first rib cross-section in the chest wall
+    rib_pitch_mm: float  # long-axis period of the ribs' appearance in the slices (ribs run obliquely)
     liver_offset_mm: tuple[float, float]
     slice_jitter_mm: list[tuple[float, float]]  # breath-hold misregistration per slice (x, y)
     lung_harmonics: list[float]  # ragged lung borders
@@ -183,16 +189,17 @@ def sample_anatomy(rng: np.random.Generator, pathology: str, n_slices: int) -> A
         septum_deg=float(rng.uniform(160.0, 195.0)),
         lv_length_mm=float(rng.uniform(68.0, 80.0)),
         slice_offset_mm=float(rng.uniform(0.0, 4.0)),
-        lv_radius_mm=float(rng.uniform(21.0, 28.0) * (1.08 if infarct else 1.0)),
+        # adult ED volumes (LV ~110–170 ml, dilated after infarction) and stroke volumes ~60–100 ml
+        lv_radius_mm=float(rng.uniform(25.5, 30.0) * (1.1 if infarct else 1.0)),
         lv_ellipticity=float(rng.uniform(0.0, 0.08)),
         wall_mm=float(rng.uniform(6.5, 9.5)),
         wall_harmonics=_harmonics(rng, 2, 0.12),
         trabeculation=_harmonics(rng, 3, 0.015),
-        ef=float(rng.uniform(0.32, 0.5) if infarct else rng.uniform(0.55, 0.68)),
-        rv_ef=float(rng.uniform(0.4, 0.6)),
-        rv_depth_mm=float(rng.uniform(12.0, 22.0)),
-        rv_wrap=float(rng.uniform(0.95, 1.15)),
-        rv_extent=float(rng.uniform(0.7, 0.85)),
+        ef=float(rng.uniform(0.42, 0.55) if infarct else rng.uniform(0.55, 0.68)),
+        rv_ef=float(rng.uniform(0.47, 0.62)),
+        rv_depth_mm=float(rng.uniform(20.0, 27.0)),
+        rv_wrap=float(rng.uniform(1.15, 1.35)),
+        rv_extent=float(rng.uniform(0.8, 0.92)),
         papillary_mm=float(rng.uniform(3.5, 5.0)),
         trab_mm=float(rng.uniform(1.0, 2.5)),
         trab_harmonics=[v for _ in range(5) for v in (float(rng.normal(0, 0.5)), float(rng.uniform(0, 2 * np.pi)))],
@@ -203,7 +210,12 @@ def sample_anatomy(rng: np.random.Generator, pathology: str, n_slices: int) -> A
         body_offset_mm=(float(rng.uniform(-15, 15)), float(rng.uniform(35, 55))),
         body_angle_deg=float(rng.uniform(-25, 5)),
         fat_mm=float(rng.uniform(6, 18)),
-        muscle_mm=float(rng.uniform(6, 12)),
+        muscle_mm=float(rng.uniform(8, 15)),
+        body_harmonics=_harmonics(rng, 4, 0.08),
+        fat_harmonics=_harmonics(rng, 3, 0.6),
+        muscle_harmonics=_harmonics(rng, 3, 0.6),
+        rib_phase_deg=float(rng.uniform(0, 360)),
+        rib_pitch_mm=float(rng.uniform(22, 32)),
         liver_offset_mm=(float(rng.uniform(-50, -25)), float(rng.uniform(60, 80))),
         slice_jitter_mm=[(float(a), float(b)) for a, b in rng.normal(0.0, 0.8, size=(n_slices, 2))],
         lung_harmonics=_harmonics(rng, 6, 0.12),
@@ -342,14 +354,19 @@ def _thorax_slice(anat: Anatomy, X, Y, t: float) -> np.ndarray:
     # --- thorax -------------------------------------------------------------------------------------
     bx, by = anat.center_mm[0] + anat.body_offset_mm[0], anat.center_mm[1] + anat.body_offset_mm[1]
     ba, bb = anat.body_axes_mm
-    body = _ellipse(X, Y, bx, by, ba, bb, anat.body_angle_deg)
-    inner_fat = _ellipse(X, Y, bx, by, ba - anat.fat_mm, bb - anat.fat_mm, anat.body_angle_deg)
-    inner_mus = _ellipse(
-        X, Y, bx, by, ba - anat.fat_mm - anat.muscle_mm, bb - anat.fat_mm - anat.muscle_mm, anat.body_angle_deg
-    )
+    # Body outline: an ellipse with a harmonic border (no perfect arc); subcutaneous fat of varying thickness.
+    th = np.arctan2(Y - by, X - bx)
+    outline = 1.0 + _eval_harmonics(anat.body_harmonics, th, [2, 3, 5, 7])
+    fat = anat.fat_mm * np.maximum(1.0 + _eval_harmonics(anat.fat_harmonics, th, [2, 4, 7]), 0.25)
+    muscle = anat.muscle_mm * np.maximum(1.0 + _eval_harmonics(anat.muscle_harmonics, th, [2, 3, 6]), 0.4)
+    body = np.sqrt(_ellipse(X, Y, bx, by, ba, bb, anat.body_angle_deg)) / outline
+    inner_fat = np.sqrt(_ellipse(X, Y, bx, by, ba - fat, bb - fat, anat.body_angle_deg)) / outline
+    wall = fat + muscle
+    inner_mus = np.sqrt(_ellipse(X, Y, bx, by, ba - wall, bb - wall, anat.body_angle_deg)) / outline
     out[body <= 1] = FAT
     out[inner_fat <= 1] = MUSCLE
     cavity = inner_mus <= 1
+    _ribs(anat, X, Y, (bx, by), outline, (inner_fat, inner_mus), t, out)
     # Inside the rib cage: lung everywhere except the mediastinum around the heart and towards the spine,
     # and the liver/abdomen under the diaphragm (more of it towards the apex).
     out[cavity] = LUNG
@@ -386,6 +403,35 @@ def _thorax_slice(anat: Anatomy, X, Y, t: float) -> np.ndarray:
     return out
 
 
+def _ribs(anat: Anatomy, X, Y, centre, outline, shells, t: float, out: np.ndarray) -> None:
+    """Rib (and sternum) cross-sections in the chest-wall muscle, every ~14° around the body except at the
+    spine; ribs run obliquely, so each one appears only in some slices (period ``rib_pitch_mm``)."""
+    inner_fat, inner_mus = shells
+    layer = (inner_fat <= 1) & (inner_mus > 1)
+    if not layer.any():
+        return
+    bx, by = centre
+    ba, bb = anat.body_axes_mm
+    depth = anat.fat_mm + 0.5 * anat.muscle_mm
+    rot = np.deg2rad(anat.body_angle_deg)
+    z_mm = t * anat.lv_length_mm
+    for j in range(26):
+        ang = np.deg2rad(anat.rib_phase_deg + j * 360.0 / 26)
+        if np.sin(ang - rot) > 0.75:  # posterior (display +Y): the spine and back muscles, no ribs drawn
+            continue
+        if np.cos(2 * np.pi * z_mm / anat.rib_pitch_mm + 1.7 * j) < 0.1:
+            continue
+        # a point in the middle of the muscle layer of the (rotated) body ellipse
+        u, v = (ba - depth) * np.cos(ang), (bb - depth) * np.sin(ang)
+        px, py = bx + u * np.cos(rot) - v * np.sin(rot), by + u * np.sin(rot) + v * np.cos(rot)
+        k = np.unravel_index(np.argmin((X - px) ** 2 + (Y - py) ** 2), X.shape)
+        scale = 1.0 / float(outline[k])
+        px, py = bx + (px - bx) * scale, by + (py - by) * scale
+        tangent = np.rad2deg(np.arctan2(py - by, px - bx)) + 90.0
+        rib = _blob(X, Y, px, py, 8.0, 0.5 * anat.muscle_mm, tangent)
+        out[rib & layer] = RIB
+
+
 def _heart_slice(anat: Anatomy, X, Y, t: float, k: int, es: bool, grid: Grid, out: np.ndarray) -> np.ndarray:
     """Draw the heart of one slice (0 base, 1 endocardial apex) over the tissue codes ``out``."""
     cx, cy = _heart_center(anat, t, k)
@@ -407,22 +453,23 @@ def _heart_slice(anat: Anatomy, X, Y, t: float, k: int, es: bool, grid: Grid, ou
     # --- RV crescent attached to the septum (basal and mid slices only) --------------------------------
     rv = np.zeros_like(epi)
     rv_wall = np.zeros_like(epi)
-    rv_t = t / anat.rv_extent
-    if rv_t < 1.0:
-        g = np.sqrt(1.0 - rv_t**2)
-        r_epi_mean = float(anat.lv_radius_mm * np.sqrt(max(0.0, 1.0 - t**2)) ** 0.9 + anat.wall_mm)
-        depth = anat.rv_depth_mm * g * (np.sqrt(1.0 - anat.rv_ef) ** 0.8 if es else 1.0)
-        # An offset ellipse a bit larger than the LV: minus the LV it leaves a crescent hugging the septum.
-        rr = r_epi_mean * anat.rv_wrap * (0.75 + 0.25 * g) * (0.95 if es else 1.0)
-        a, b = 0.72 * rr, 0.98 * rr
-        d = depth + r_epi_mean - a
-        sd = np.deg2rad(anat.septum_deg)
-        rcx, rcy = cx + d * np.cos(sd), cy - d * np.sin(sd)
-        ang = -anat.septum_deg  # ellipse axis along the septal direction (display y down)
-        e = _ellipse(X, Y, rcx, rcy, a, b, ang)
-        rv = (e <= 1.0) & ~epi
-        e_wall = _ellipse(X, Y, rcx, rcy, a + 3.0, b + 3.0, ang)
-        rv_wall = (e_wall <= 1.0) & ~epi & ~rv
+    if t / anat.rv_extent < 1.0:
+        if es:
+            # The RV ejects: its ES cross-section is (1 - RVEF) of the ED one in every slice, found by
+            # bisection on the crescent depth against the ES septum (the LV epicardium moves inwards at ES,
+            # which alone would make a fixed crescent *grow*).
+            r_epi_ed = radii(anat, lut_alpha, t, False)[1][idx]
+            target = (1.0 - anat.rv_ef) * _rv_crescent(anat, X, Y, cx, cy, t, r <= r_epi_ed, 1.0)[0].sum()
+            lo_f, hi_f = 0.0, 1.0
+            for _ in range(14):
+                mid = 0.5 * (lo_f + hi_f)
+                if _rv_crescent(anat, X, Y, cx, cy, t, epi, mid)[0].sum() > target:
+                    hi_f = mid
+                else:
+                    lo_f = mid
+            rv, rv_wall = _rv_crescent(anat, X, Y, cx, cy, t, epi, 0.5 * (lo_f + hi_f))
+        else:
+            rv, rv_wall = _rv_crescent(anat, X, Y, cx, cy, t, epi, 1.0)
         heart |= rv | rv_wall
 
     # --- epicardial fat, then the heart on top ------------------------------------------------------
@@ -467,6 +514,24 @@ def _heart_slice(anat: Anatomy, X, Y, t: float, k: int, es: bool, grid: Grid, ou
             mvo_m = scar_m & (core > 0.55) & (depth_n <= 0.55 * trans)
             out[mvo_m] = MVO_T
     return out
+
+
+def _rv_crescent(anat: Anatomy, X, Y, cx: float, cy: float, t: float, epi: np.ndarray, size: float):
+    """RV blood pool and free wall masks of one slice: an offset ellipse a bit larger than the LV, minus the
+    LV epicardium ``epi``, leaves a crescent hugging the septum. ``size`` (0–1) scales the crescent's depth
+    and width together (1 = ED)."""
+    g = np.sqrt(max(0.0, 1.0 - (t / anat.rv_extent) ** 2))
+    r_epi_mean = float(anat.lv_radius_mm * np.sqrt(max(0.0, 1.0 - t**2)) ** 0.9 + anat.wall_mm)
+    depth = anat.rv_depth_mm * g * size
+    rr = r_epi_mean * anat.rv_wrap * (0.75 + 0.25 * g) * (0.8 + 0.2 * size)
+    a, b = 0.72 * rr, 0.98 * rr
+    d = depth + r_epi_mean - a
+    sd = np.deg2rad(anat.septum_deg)
+    rcx, rcy = cx + d * np.cos(sd), cy - d * np.sin(sd)
+    ang = -anat.septum_deg  # ellipse axis along the septal direction (display y down)
+    rv = (_ellipse(X, Y, rcx, rcy, a, b, ang) <= 1.0) & ~epi
+    rv_wall = (_ellipse(X, Y, rcx, rcy, a + 3.0, b + 3.0, ang) <= 1.0) & ~epi & ~rv
+    return rv, rv_wall
 
 
 def radii(anat: Anatomy, alpha: np.ndarray, t: float, es: bool) -> tuple[np.ndarray, ...]:

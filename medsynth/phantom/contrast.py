@@ -33,6 +33,7 @@ _CINE = {
     "papillary": (250.0, 0.0, 0.08),
     "rv_wall": (230.0, 0.0, 0.08),
     "spine": (420.0, 0.15, 0.15),
+    "rib": (330.0, 0.15, 0.2),  # rib cross-sections: marrow signal
 }
 _LGE = {
     "air": (0.0, 0.0, 0.0),
@@ -51,6 +52,7 @@ _LGE = {
     "papillary": (50.0, 0.0, 0.15),
     "rv_wall": (120.0, 0.0, 0.15),
     "spine": (300.0, 0.15, 0.15),
+    "rib": (260.0, 0.15, 0.2),
 }
 TABLES = {"cine": _CINE, "lge": _LGE}
 

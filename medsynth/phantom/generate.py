@@ -42,7 +42,10 @@ SUPERSAMPLE = 2
 _STREAM = {"anatomy": 0, "pathology": 1, "tissue": 2, "texture": 3, "scanner": 4}
 _CONTRAST_ID = {"cine": 0, "lge": 1}
 _PHASE_ID = {"ED": 0, "ES": 1}
-PARAMS_VERSION = 1
+PARAMS_VERSION = 2
+#: Default share of infarct subjects per contrast: LGE cohorts are mostly infarcts (EMIDEC: 2/3), cine cohorts
+#: mostly not (ACDC: 1 in 5 is a previous myocardial infarction).
+DEFAULT_SCAR_PROB = {"cine": 0.2, "lge": 0.75}
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -55,6 +58,12 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
 def subject_id(seed: int, index: int) -> str:
     """Subject name: identical across contrasts and scanners for the same seed and index (same heart)."""
     return f"phantom-s{seed}-{index:03d}"
+
+
+def _scar_prob(contrast: str, scar_prob: float | None) -> float:
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast: expected one of {CONTRASTS}, got {contrast!r}")
+    return DEFAULT_SCAR_PROB[contrast] if scar_prob is None else float(scar_prob)
 
 
 def _check_args(contrast: str, scanner: str, shape, spacing, scar_prob: float) -> tuple[tuple, tuple]:
@@ -108,15 +117,17 @@ def phantom_subject(
     shape: tuple[int, int, int] = (128, 128, 10),
     spacing: tuple[float, float, float] = (1.5, 1.5, 8.0),
     pathology: str | None = None,
-    scar_prob: float = 0.75,
+    scar_prob: float | None = None,
 ) -> dict[str, Any]:
     """Render one phantom subject (both phases) in memory.
 
     Returns ``{"subject_id": str, "ED": (image, label), "ES": (image, label), "params": dict}`` where
     image is a float32 :class:`Volume` (X, Y, Z) in MR units (0–~1000) and label a uint8 canonical
-    :class:`Volume`. ``pathology`` None draws "infarct" with probability ``scar_prob``. Cine labels
-    never contain scar/MVO (invisible in cine: labelled myocardium); the scar geometry is in ``params``.
+    :class:`Volume`. ``pathology`` None draws "infarct" with probability ``scar_prob`` (None: the contrast's
+    :data:`DEFAULT_SCAR_PROB`). Cine labels never contain scar/MVO (invisible in cine: labelled myocardium);
+    the scar geometry is in ``params``. ``pathology`` is "infarct" exactly when the heart has a scar.
     """
+    scar_prob = _scar_prob(contrast, scar_prob)
     shape, spacing = _check_args(contrast, scanner, shape, spacing, scar_prob)
     if int(index) < 0:
         raise ValueError(f"index: expected a non-negative subject index, got {index}")
@@ -171,6 +182,10 @@ def phantom_subject(
         if contrast == "lge" and (labels == MYO).any() and (labels == SCAR).any():
             obs = phases[phase]["observed"]
             phases[phase]["observed_scar_to_remote"] = obs["scar"]["mean"] / obs["myo"]["mean"]
+    if pathology == "infarct" and phases["ED"]["scar_volume_ml"] == 0:
+        # a scar outside every imaged slice (a short stack): the images show a heart without scar
+        log.warning("phantom: %s: the drawn scar misses every slice; recorded as normal", sid)
+        pathology = "normal"
     ed, es = phases["ED"]["lv_volume_ml"], phases["ES"]["lv_volume_ml"]
     params = {
         "subject_id": sid,
@@ -186,6 +201,11 @@ def phantom_subject(
         else None,
         "scanner_style": style.to_dict(),
         "measured_ef": (ed - es) / ed if ed > 0 else None,
+        "stroke_volume_ml": ed - es,
+        "rv_stroke_volume_ml": phases["ED"]["rv_volume_ml"] - phases["ES"]["rv_volume_ml"],
+        "measured_rv_ef": 1.0 - phases["ES"]["rv_volume_ml"] / phases["ED"]["rv_volume_ml"]
+        if phases["ED"]["rv_volume_ml"] > 0
+        else None,
         "phases": phases,
     }
     out["params"] = _round(params)
@@ -210,17 +230,19 @@ def generate_dataset(
     seed: int = 0,
     shape: tuple[int, int, int] = (128, 128, 10),
     spacing: tuple[float, float, float] = (1.5, 1.5, 8.0),
-    scar_prob: float = 0.75,
+    scar_prob: float | None = None,
 ) -> Path:
     """Write a phantom dataset to ``out_dir`` atomically and return the manifest path.
 
     Layout: ``images/<subject>_<ED|ES>.nii.gz`` (float32, MR units), ``labels/…`` (uint8 canonical),
     ``manifest.csv`` (paths relative to ``out_dir``) and ``phantom_params.json`` (ground truth per subject).
-    Infarct subjects: ``round(scar_prob * subjects)`` of them, which ones chosen by ``seed``, the same set
-    for cine and LGE. Same arguments → byte-identical files.
+    Infarct subjects: ``round(scar_prob * subjects)`` of them (``scar_prob`` None: the contrast's
+    :data:`DEFAULT_SCAR_PROB`), which ones chosen by ``seed``; cine and LGE with the same ``scar_prob`` have
+    the same set (paired hearts). Same arguments → byte-identical files.
     """
     if int(subjects) < 1:
         raise ValueError(f"subjects: expected at least 1, got {subjects}")
+    scar_prob = _scar_prob(contrast, scar_prob)
     shape, spacing = _check_args(contrast, scanner, shape, spacing, scar_prob)
     n_inf = int(round(scar_prob * subjects))
     order = _rng(seed, 10**6).permutation(subjects)

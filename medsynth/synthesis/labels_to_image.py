@@ -68,7 +68,9 @@ def quantile_table(weights: np.ndarray, means: np.ndarray, sds: np.ndarray, k: i
 class LabelsToImage:
     """Deterministic renderer given fitted per-group tables.
 
-    ``tables``: (G, C, K) standardised quantile tables; ``smooth_frac`` / ``long_frac``: (G, C) shares a, b
+    ``tables``: (G, C, K) standardised quantile tables, C >= the canonical classes (codes beyond them are extra
+    classes such as surroundings-partition classes, :mod:`medsynth.synthesis.partition`); ``smooth_frac`` /
+    ``long_frac``: (G, C) shares a, b
     (a + b <= 1) of the within-tissue variance that is short- / long-range correlated; ``length`` /
     ``long_length``: (G, C) the correlation lengths in px; ``correlated=False`` renders white texture (same
     per-tissue histograms, no spatial correlation; ~2.5× faster).
@@ -83,8 +85,8 @@ class LabelsToImage:
         long_length: np.ndarray | None = None,
         correlated: bool = True,
     ) -> None:
-        if tables.ndim != 3 or tables.shape[1] != N_CLASSES:
-            raise ValueError(f"tables: expected (G, {N_CLASSES}, K), got {tables.shape}")
+        if tables.ndim != 3 or tables.shape[1] < N_CLASSES:
+            raise ValueError(f"tables: expected (G, C >= {N_CLASSES}, K), got {tables.shape}")
         long_frac = np.zeros(tables.shape[:2]) if long_frac is None else long_frac
         long_length = np.full(tables.shape[:2], 12.0) if long_length is None else long_length
         for name, arr in (("smooth_frac", smooth_frac), ("length", length), ("long_frac", long_frac)):
@@ -97,6 +99,11 @@ class LabelsToImage:
         self.length = np.maximum(length, 0.3).astype(np.float32)
         self.long_length = np.maximum(long_length, 0.3).astype(np.float32)
         self._filters: dict[tuple[int, int, int, int], np.ndarray] = {}
+
+    @property
+    def n_classes(self) -> int:
+        """Label codes this renderer knows (C): the canonical classes, then any extra (e.g. surroundings)."""
+        return int(self.tables.shape[1])
 
     def render(
         self,
@@ -120,10 +127,11 @@ class LabelsToImage:
         if labels.ndim != 3:
             raise ValueError(f"labels: expected (N, H, W), got {labels.shape}")
         n = labels.shape[0]
-        if mean.shape != (n, N_CLASSES) or sd.shape != (n, N_CLASSES) or group.shape != (n,):
-            raise ValueError("mean/sd/group: expected (N, C), (N, C), (N,)")
-        if labels.size and labels.max() >= N_CLASSES:
-            raise ValueError(f"labels: codes must be < {N_CLASSES} (canonical)")
+        c_ = self.n_classes
+        if mean.shape != (n, c_) or sd.shape != (n, c_) or group.shape != (n,):
+            raise ValueError(f"mean/sd/group: expected ({n}, {c_}), ({n}, {c_}), ({n},)")
+        if labels.size and labels.max() >= c_:
+            raise ValueError(f"labels: codes must be < {c_} (canonical, then any extra classes of the tables)")
         out = np.empty(labels.shape, dtype=np.float32)
         starts = list(range(0, n, chunk))
         seeds = rng.integers(0, 2**63 - 1, size=len(starts))
@@ -202,7 +210,7 @@ class LabelsToImage:
             out = g if len(rows) == n else np.empty(sub.shape, dtype=np.float32)
             long_cache: dict[float, np.ndarray] = {}
             ws, wh, wl = (white_s, white, white_l) if len(rows) == n else (white_s[rows], white[rows], white_l[rows])
-            masks = [sub == c for c in range(N_CLASSES)]  # (cheaper than bincount, which widens to intp)
+            masks = [sub == c for c in range(self.n_classes)]  # (cheaper than bincount, which widens to intp)
             counts = np.array([np.count_nonzero(m) for m in masks])
             # The most frequent class (the background) is rendered first over the whole image, so it needs
             # neither a mask nor a masked copy; the heart classes then overwrite their own pixels.
@@ -255,7 +263,7 @@ class LabelsToImage:
         np.clip(g, 0.0, k - 1, out=g)
         idx = g.astype(np.int32)
         row = labels.astype(np.int32)
-        row += np.arange(0, n * N_CLASSES, N_CLASSES, dtype=np.int32)[:, None, None]
+        row += np.arange(0, n * self.n_classes, self.n_classes, dtype=np.int32)[:, None, None]
         row *= np.int32(k)
         idx += row
         return tab.reshape(-1)[idx]

@@ -18,11 +18,20 @@ Tissue statistics come from pixels at least ``interior_erosion`` px inside their
 pixels at tissue borders do not bias the means (the renderer's blur re-creates partial volume); on the
 phantom this recovers the ground-truth scar / remote-myocardium ratio within ~6 % instead of ~25 % low.
 
-Background (everything outside the heart labels) — the documented choice: a random field with a two-scale
-spatial correlation (organ-sized patches plus fine texture, both fitted on the real surroundings) mapped
-through the fitted background mixture, so its histogram and texture scale match real surroundings without
-needing a source image (label maps alone suffice, e.g. from shape models). Where a real image exists, scar
-insertion (:mod:`medsynth.synthesis.scar`) keeps the real surroundings untouched instead.
+Background (everything outside the heart labels), ``surroundings``:
+
+- ``"partition"``: every training slice gets a surroundings partition (:mod:`medsynth.synthesis.partition`:
+  outside the body, then body classes by brightness — lung, muscle / liver, fat, bright vessels — found by
+  clustering intensity and position); each class is fitted like a tissue (population of per-subject
+  location/scale, standardised mixture, two-scale texture), and a bank of training partitions (uint8) is
+  kept in the model state. A label map to render gets a bank partition whose heart matches its heart,
+  moved by a small random affine and made consistent with its heart labels, so images get a body outline
+  and organ-sized regions from label maps alone (deformed real maps or shape-model maps).
+- ``"field"``: one random field with a two-scale spatial correlation (organ-sized patches plus fine texture,
+  fitted on the real surroundings) mapped through the fitted background mixture.
+
+Where a real image exists, ``context`` (and scar insertion, :mod:`medsynth.synthesis.scar`) keeps the real
+surroundings instead.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from medsynth.models.base import AnomalyScores, ContextSampler, GenerativeModel,
 from medsynth.models.latent.common import check_slices
 from medsynth.synthesis.degrade import DegradeConfig, RandomDegrade, apply_degrade
 from medsynth.synthesis.labels_to_image import LabelsToImage, gmm_logpdf, quantile_table, tissue_wasserstein
+from medsynth.synthesis.partition import attach_partition, bank_indices, extend_labels, match_bank, partition_slices
 from medsynth.synthesis.scar import ScarModel, robust_stats, wall_coordinates
 from medsynth.utils.seeding import rng as make_rng
 
@@ -74,6 +84,13 @@ class GMMConfig(StrictModel):
     population_scale: float = Field(1.0, ge=0)  # multiplies the population spread when sampling (0 = mean)
     sample_group: str | None = None  # e.g. "lge" / "lge/siemens"; None = draw groups by training frequency
     texture: Literal["correlated", "white"] = "correlated"  # "white": faster, no spatially correlated texture
+    # Everything outside the heart labels: "partition" renders unsupervised surroundings classes (outside the
+    # body, lung, body wall, liver, vessels; :mod:`medsynth.synthesis.partition`) each with fitted statistics;
+    # "field" one random field for the whole background (the earlier behaviour).
+    surroundings: Literal["partition", "field"] = "partition"
+    surroundings_classes: int = Field(5, ge=2)  # outside the body + 4 body classes (5 measured better than 7)
+    partition_bank: int = Field(256, ge=1)  # training partitions kept in the model (uint8), attached to new maps
+    partition_match: int = Field(5, ge=1)  # a new map gets one of the bank partitions whose hearts match best
     degrade: DegradeConfig = DegradeConfig()
     score_prior_strength: float = Field(2.0, ge=0)  # pseudo-count of the Beta prior on the per-slice scar fraction
 
@@ -111,8 +128,21 @@ class GMMModel(GenerativeModel, Sampler, ContextSampler, Scorer, ScarInserter):
         pairs = zip(train.meta["modality"], train.meta["vendor"], strict=True)
         keys = np.array([self.group_key(m, v) for m, v in pairs])
         self.groups = sorted(str(k) for k in set(keys))
-        per_group = [self._fit_group(train.subset(keys == g), rng, seed) for g in self.groups]
+        fit_labels = train.labels
+        bank: dict[str, np.ndarray] = {}
+        if self.config.surroundings == "partition":
+            # every training slice gets its surroundings classes; the fit then treats them as tissues
+            parts = partition_slices(train.images, train.labels, self.config.surroundings_classes, seed)
+            fit_labels = extend_labels(train.labels, parts)
+            keep = bank_indices(len(train), self.config.partition_bank)
+            gid = np.array([self.groups.index(str(k)) for k in keys])
+            bank = {"partition_bank": parts[keep], "partition_group": gid[keep].astype(np.int64)}
+        n_classes = N_CLASSES + (self.config.surroundings_classes if bank else 0)
+        per_group = [
+            self._fit_group(train.subset(keys == g), fit_labels[keys == g], n_classes, rng, seed) for g in self.groups
+        ]
         self.arrays = {k: np.stack([p[k] for p in per_group]) for k in per_group[0]}
+        self.arrays.update(bank)
         self._fit_scar(train, keys)
         self._renderer = None
         self.fitted = True
@@ -128,16 +158,24 @@ class GMMModel(GenerativeModel, Sampler, ContextSampler, Scorer, ScarInserter):
             )
         return report
 
-    def _fit_group(self, part: SliceSet, rng: np.random.Generator, seed: int) -> dict[str, np.ndarray]:
-        c_, m_ = N_CLASSES, self.config.n_components
+    def _fit_group(
+        self, part: SliceSet, lab: np.ndarray, n_classes: int, rng: np.random.Generator, seed: int
+    ) -> dict[str, np.ndarray]:
+        """Parameters of one group from its slices ``part`` and their (possibly extended) labels ``lab``
+        (N, H, W) with codes < ``n_classes`` (canonical classes, then surroundings classes)."""
+        c_, m_ = n_classes, self.config.n_components
         x = part.images[:, 0].astype(np.float64)
-        lab = part.labels
         subjects = part.meta["subject_id"].astype(str).to_numpy()
         subj_ids = sorted(set(subjects))
         n_s = len(subj_ids)
         stats = np.full((n_s, c_, 2), np.nan)  # mean, log sd per subject and class
         zmap = np.zeros_like(x)
         interior = _interior_masks(lab, self.config.interior_erosion)
+        if c_ > N_CLASSES:
+            # surroundings classes come from a smoothed clustering, so their borders are a few px uncertain:
+            # one more px of erosion keeps neighbouring tissue out of their statistics (speckle when rendered)
+            deeper = _interior_masks(lab, self.config.interior_erosion + 1)
+            interior = np.where(lab >= N_CLASSES, deeper, interior)
         use = np.zeros(lab.shape, dtype=bool)  # pixels the tissue statistics are estimated from
         for si, s in enumerate(subj_ids):
             sel = subjects == s
@@ -164,10 +202,11 @@ class GMMModel(GenerativeModel, Sampler, ContextSampler, Scorer, ScarInserter):
         can_rel = mode[MYO] == MODE_CORE and mode[LV] == MODE_CORE
         for c in range(c_):
             if mode[c] != MODE_CORE and present[:, c].any():
-                mode[c] = MODE_RELATIVE if can_rel else MODE_ABSOLUTE
+                # surroundings classes have no tie to the blood–myocardium contrast: absolute statistics
+                mode[c] = MODE_RELATIVE if can_rel and c < N_CLASSES else MODE_ABSOLUTE
         donor = np.arange(c_, dtype=np.int32)
         for c in np.flatnonzero(mode == MODE_DONOR):
-            options = [d for d in DONORS[c] if mode[d] != MODE_DONOR]
+            options = [d for d in _donors(int(c), c_) if mode[d] != MODE_DONOR]
             if not options:
                 options = [d for d in range(c_) if mode[d] != MODE_DONOR]
             donor[c] = options[0] if options else c
@@ -214,7 +253,7 @@ class GMMModel(GenerativeModel, Sampler, ContextSampler, Scorer, ScarInserter):
             z = zmap[(lab == c) & use]
             if z.size > self.config.max_pixels_per_class:
                 z = rng.choice(z, self.config.max_pixels_per_class, replace=False)
-            k = min(m_, max(1, z.size // 50))
+            k = min(m_, max(1, z.size // 50), max(1, np.unique(z[:5000]).size))  # constant classes (air): 1
             gm = GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=seed, max_iter=200)
             gm.fit(z[:, None])
             order = np.argsort(gm.means_[:, 0])
@@ -275,12 +314,15 @@ class GMMModel(GenerativeModel, Sampler, ContextSampler, Scorer, ScarInserter):
         }
 
     def class_means(self) -> dict[str, dict[str, float]]:
-        """Mean over subjects of the per-subject class means (normalised intensity), per group."""
+        """Mean over subjects of the per-subject class means (normalised intensity), per group; surroundings
+        classes of a partition model as ``surroundings_<k>`` (k = 1 outside the body … K brightest)."""
         out: dict[str, dict[str, float]] = {}
+        names = dict(CANONICAL)
+        names.update({c: f"surroundings_{c - N_CLASSES + 1}" for c in range(N_CLASSES, self.n_render_classes)})
         for gi, g in enumerate(self.groups):
             mode = self.arrays["mode"][gi]
             row = {}
-            for c, name in CANONICAL.items():
+            for c, name in names.items():
                 if mode[c] == MODE_CORE:
                     row[name] = float(self.arrays["pop_mean"][gi, 2 * c])
                 elif mode[c] in (MODE_RELATIVE, MODE_ABSOLUTE):
@@ -295,7 +337,10 @@ class GMMModel(GenerativeModel, Sampler, ContextSampler, Scorer, ScarInserter):
             a = self.arrays
             tables = np.array(
                 [
-                    [quantile_table(a["gmm_w"][g, c], a["gmm_mu"][g, c], a["gmm_sd"][g, c]) for c in range(N_CLASSES)]
+                    [
+                        quantile_table(a["gmm_w"][g, c], a["gmm_mu"][g, c], a["gmm_sd"][g, c])
+                        for c in range(self.n_render_classes)
+                    ]
                     for g in range(len(self.groups))
                 ]
             )
@@ -308,6 +353,15 @@ class GMMModel(GenerativeModel, Sampler, ContextSampler, Scorer, ScarInserter):
                 correlated=self.config.texture == "correlated",
             )
         return self._renderer
+
+    @property
+    def n_render_classes(self) -> int:
+        """Classes the renderer knows: the canonical ones, plus the surroundings classes of a partition model."""
+        return int(self.arrays["mode"].shape[1])
+
+    @property
+    def uses_partition(self) -> bool:
+        return "partition_bank" in self.arrays
 
     def sample_tissue_params(
         self, n: int, rng: np.random.Generator, group: str | None = None
@@ -324,20 +378,21 @@ class GMMModel(GenerativeModel, Sampler, ContextSampler, Scorer, ScarInserter):
             weight = a["n_subjects"].astype(float)
             gidx = rng.choice(len(self.groups), size=n, p=weight / weight.sum())
         scale = self.config.population_scale
-        mean = np.zeros((n, N_CLASSES))
-        logsd = np.zeros((n, N_CLASSES))
+        c_ = self.n_render_classes
+        mean = np.zeros((n, c_))
+        logsd = np.zeros((n, c_))
         for g in range(len(self.groups)):
             rows = np.flatnonzero(gidx == g)
             if rows.size == 0:
                 continue
             mode = a["mode"][g]
             core = np.repeat(mode == MODE_CORE, 2)
-            vec = np.zeros((rows.size, 2 * N_CLASSES))
+            vec = np.zeros((rows.size, 2 * c_))
             if core.any():
                 cov = a["pop_cov"][g][np.ix_(core, core)] * scale**2
                 vec[:, core] = rng.multivariate_normal(a["pop_mean"][g][core], cov, size=rows.size, method="eigh")
             m, ls = vec[:, 0::2], vec[:, 1::2]
-            for c in range(N_CLASSES):
+            for c in range(c_):
                 if mode[c] == MODE_RELATIVE:
                     tm, ts, rm, rs = a["rel"][g, c]
                     t = tm + scale * ts * rng.standard_normal(rows.size)
@@ -378,10 +433,39 @@ class GMMModel(GenerativeModel, Sampler, ContextSampler, Scorer, ScarInserter):
         def post(images: np.ndarray, chunk_rng: np.random.Generator) -> np.ndarray:
             return apply_degrade(images, degrade.sample_params(images.shape[0], chunk_rng))
 
-        images = self.renderer.render(labels, gidx, mean, sd, rng, threads=self.threads, post=post)
+        render_labels = labels
+        if self.uses_partition:
+            render_labels = extend_labels(labels, self.attach_partitions(labels, gidx, rng))
+        images = self.renderer.render(render_labels, gidx, mean, sd, rng, threads=self.threads, post=post)
         if context is not None:
             images = keep_surroundings(images, labels, context)
         return Samples(images[:, None].astype(np.float32, copy=False), labels)
+
+    def attach_partitions(self, labels: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Surroundings partitions (n, H, W) uint8 for canonical ``labels`` (n, H, W): each from a bank slice of
+        its image's group (``groups`` (n,) indices), see :func:`~medsynth.synthesis.partition.attach_partition`."""
+        bank, bank_group = self.arrays["partition_bank"], self.arrays["partition_group"]
+        out = np.zeros(labels.shape, dtype=np.uint8)
+        for g in np.unique(groups):
+            rows = np.flatnonzero(groups == g)
+            # a bank slice whose heart matches this heart (one of the best few), from the same group
+            index = match_bank(
+                labels[rows], bank, rng, top=self.config.partition_match, candidates=np.flatnonzero(bank_group == g)
+            )
+            out[rows] = attach_partition(labels[rows], bank, rng, index=index, exclude=self._bright_classes(g))
+        return out
+
+    def _bright_classes(self, g: int) -> tuple[int, ...]:
+        """Partition codes of group ``g`` whose mean is nearer the LV blood pool than the myocardium: kept out
+        of the place a bank slice's own heart occupied, so a new heart is not flanked by unlabelled
+        blood-bright tissue that a segmenter would have to call background."""
+        a = self.arrays
+
+        def mean(c: int) -> float:
+            return float(a["pop_mean"][g, 2 * c] if a["mode"][g, c] == MODE_CORE else a["abs"][g, c, 0])
+
+        cut = 0.5 * (mean(LV) + mean(MYO))
+        return tuple(c - N_CLASSES + 1 for c in range(N_CLASSES, self.n_render_classes) if mean(c) > cut)
 
     def supports(self, capability: str) -> bool:
         # scoring and scar insertion need the scar model, fitted only where training slices carry scar labels
@@ -476,6 +560,15 @@ class GMMModel(GenerativeModel, Sampler, ContextSampler, Scorer, ScarInserter):
         self.score_params = {k: float(v) for k, v in (meta.get("score_params") or {}).items()}
         self._renderer = None
         self.fitted = True
+
+
+def _donors(c: int, n_classes: int) -> tuple[int, ...]:
+    """Classes whose mixture a class no training subject has borrows, in order of preference."""
+    if c < N_CLASSES:
+        return DONORS[c]
+    # surroundings classes: the neighbouring classes in intensity order first
+    others = [d for d in range(N_CLASSES, n_classes) if d != c]
+    return (*sorted(others, key=lambda d: (abs(d - c), d)), MYO)
 
 
 def keep_surroundings(images: np.ndarray, labels: np.ndarray, context: np.ndarray, sigma: float = 0.7) -> np.ndarray:
