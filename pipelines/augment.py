@@ -60,18 +60,15 @@ def augment_flow(config: dict[str, Any], work: str, out: str, data_root: str | N
     if seg["enabled"]:
         labelled = [s for s in synthetic if s["has_labels"]]
         calls = []
+        base = {"work": work, "slices_record": slices, "params": seg["params"]}
+        # one U-Net per (arm, learning-curve point, seed); each labelled synthetic set (family) its own arms
         for arm in seg["arms"]:
-            for s in seg["seeds"]:
-                calls.append(
-                    {
-                        "work": work,
-                        "slices_record": slices,
-                        "synth_records": [] if arm == "real" else labelled,
-                        "arm": arm,
-                        "seed": s,
-                        "params": seg["params"],
-                    }
-                )
+            sets = [[]] if arm == "real" else [[s] for s in labelled]
+            points = ["all"] if arm == "synthetic" else seg["n_real_patients"]
+            for records in sets:
+                for n in points:
+                    for s in seg["seeds"]:
+                        calls.append({**base, "synth_records": records, "arm": arm, "seed": s, "n_real": n})
         segmentation = t.run_many(t.segmentation_arm, calls)
 
     result = t.write_augment_outputs(

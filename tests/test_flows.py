@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -29,6 +30,7 @@ TINY = {
         "segmentation": {
             "arms": ["real", "real+synthetic"],
             "seeds": [0],
+            "n_real_patients": [1, "all"],
             "params": {"image_size": 32, "iterations": 8},
         },
     },
@@ -100,9 +102,19 @@ def test_augment_flow_writes_dataset_and_reruns_from_cache(prefect_harness, tmp_
     fid = pd.read_csv(run_dir / "metrics" / "fidelity.csv")
     assert {"fd", "rfd", "kid", "precision", "recall", "memorised_fraction"} <= set(fid["metric"])
     seg = pd.read_csv(run_dir / "metrics" / "segmentation.csv")
-    assert set(seg["arm"]) == {"real", "real+synthetic"}
-    assert (run_dir / "report.md").read_text().startswith("# medsynth run")
+    assert set(seg["arm"]) == {"real", "real+gmm"}  # one real+synthetic arm per synthetic set
+    assert sorted(set(zip(seg["arm"], seg["n_real_patients"], strict=True))) == [
+        ("real", 1), ("real", 2), ("real+gmm", 1), ("real+gmm", 2)
+    ]  # fmt: skip
+    report = (run_dir / "report.md").read_text()
+    assert report.startswith("# medsynth run")
+    assert "### Learning curve" in report and "figures/learning_curve.png" in report
+    assert "–, reference" in report and "Dice points" in report and "HD95 (mm)" in report
+    assert not re.search(r"\bnan\b", report, re.IGNORECASE)
     assert (run_dir / "figures" / "samples.png").stat().st_size > 0
+    assert (run_dir / "figures" / "learning_curve.png").stat().st_size > 0
+    protocol = pd.read_csv(run_dir / "metrics" / "segmentation_protocol.csv")
+    assert protocol["mixing"].iloc[0] == "pool" and protocol["synthetic_ratio"].iloc[0] == 1.0
     assert json.loads((run_dir / "versions.json").read_text())["torch"].startswith("2.13")
 
     # a rerun reuses every expensive task from Prefect's cache

@@ -91,7 +91,9 @@ def test_patient_draw_and_arm_composition(phantom, synthetic):
     assert len(select_patients(train, None, 0)) == len(train)
     mixed = build_arm("real+synthetic", a, synthetic, 0.5, seed=0)
     assert len(mixed) == len(a) + round(0.5 * len(a))
-    assert build_arm("synthetic", a, synthetic, 1.0, 0) is synthetic
+    assert (mixed.meta["origin"] == "synthetic").sum() == round(0.5 * len(a))
+    only_syn = build_arm("synthetic", a, synthetic, 1.0, 0)
+    assert only_syn.images is synthetic.images and (only_syn.meta["origin"] == "synthetic").all()
     with pytest.raises(ValueError, match="arm"):
         build_arm("bogus", a, synthetic, 1.0, 0)
     with pytest.raises(ValueError, match="synthetic"):

@@ -81,7 +81,10 @@ def plot_sample_grid(real: np.ndarray, synthetic: np.ndarray, path: str | Path, 
 def plot_dice_boxes(per_case: pd.DataFrame, path: str | Path) -> Path:
     """Per-class box plots of per-patient Dice (seed-averaged), one box per arm."""
     plt = _plt()
-    pc = per_case.groupby(["arm", "class", "case"], sort=False)["dice"].mean().reset_index()
+    pc = per_case
+    if "n_real_patients" in pc and pc.groupby("arm")["n_real_patients"].nunique().max() > 1:
+        pc = pc.assign(arm=pc["arm"] + " n=" + pc["n_real_patients"].astype(str))  # one box per curve point
+    pc = pc.groupby(["arm", "class", "case"], sort=False)["dice"].mean().reset_index()
     classes = list(dict.fromkeys(pc["class"]))
     arms = list(dict.fromkeys(pc["arm"]))
     fig, axes = plt.subplots(1, max(len(classes), 1), figsize=(2.4 * max(len(classes), 1), 3), squeeze=False)
@@ -160,27 +163,29 @@ def write_segmentation_report(
         write_csv(timings, out / "timings.csv")
     write_csv(summary, out / "summary.csv")
     plot_dice_boxes(per_case, out / "dice_boxes.png")
-    cols = [
-        "arm",
-        "class",
-        "n_seeds",
-        "dice_mean",
-        "dice_std",
-        "hd95_mean",
-        "hd95_std",
-        "dice_diff_vs_real",
-        "dice_diff_ci_low",
-        "dice_diff_ci_high",
-    ]
-    unit = per_case["hd95_unit"].iloc[0] if len(per_case) else "px"
+    plot_learning_curve(summary, out / "learning_curve.png")
+    from medsynth.evaluation.segmentation import reach_statements
+
+    units = per_case["hd95_unit"].dropna().unique() if len(per_case) else []
+    unit = str(units[0]) if len(units) == 1 else "mm or px"
+    curve, per_class = segmentation_tables(summary, unit)
     parts = [
         "# Downstream segmentation report",
         "",
-        "2-D MONAI U-Net (DiceCE), evaluated per test patient volume in 3-D. Dice / HD95 "
-        f"({unit}) are means over test volumes; mean ± std over seeds; the difference to real-only is paired by "
-        "seed and test volume, with a bootstrap CI over test volumes.",
+        "2-D MONAI U-Net (DiceCE), evaluated per test patient volume in 3-D. Dice is a fraction (0–1), HD95 in "
+        f"{unit}; means over test volumes, mean ± SD over seeds; differences to real-only (in Dice points, "
+        "1 point = 0.01) are paired by seed and test volume at the same number of real patients, with a "
+        "bootstrap CI over test volumes.",
         "",
-        md_table(summary[[c for c in cols if c in summary.columns]]),
+        segmentation_paragraph(summary, unit),
+        "",
+        "![learning curve](learning_curve.png)",
+        "",
+        reach_paragraph(reach_statements(summary)),
+        "",
+        md_table(curve),
+        "",
+        md_table(per_class),
         "",
         "![dice](dice_boxes.png)",
     ]
@@ -189,3 +194,316 @@ def write_segmentation_report(
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return out / "report.md"
+
+
+# --------------------------------------------------------------------------------- words from the numbers
+
+#: One line per fidelity metric, printed under the fidelity table.
+FIDELITY_EXPLAINED: dict[str, str] = {
+    "fd": "Fréchet distance between Gaussian fits to real (held-out) and synthetic features; lower is closer, "
+    "its scale depends on the feature extractor, so read it against fd_real_halves.",
+    "rfd": "relative FD: FD(synthetic, real half B) divided by the real-vs-real FD(real half A, real half B); "
+    "1 = as close to real data as real data is to itself, 2 = twice as far.",
+    "fd_real_halves": "FD between two patient-disjoint halves of the real slices: the floor FD can reach with "
+    "this many images.",
+    "kid": "kernel inception distance (unbiased polynomial-kernel MMD² of the features): like FD without the "
+    "Gaussian assumption; 0 = same distribution.",
+    "precision": "fraction of synthetic images inside the real images' k-nearest-neighbour balls (realism); "
+    "0 = not one synthetic image lies where real images lie in feature space.",
+    "recall": "fraction of real images inside the synthetic images' k-NN balls (how much real variety the "
+    "samples span).",
+    "density": "how many real k-NN balls contain each synthetic image, divided by k (≈1 for real-like samples, "
+    "0 = none).",
+    "coverage": "fraction of real images whose k-NN ball contains at least one synthetic image.",
+    "ms_ssim_synthetic": "mean MS-SSIM between random pairs of synthetic images: lower = more diverse; compare "
+    "with ms_ssim_real.",
+    "ms_ssim_real": "mean MS-SSIM between random pairs of real images: the diversity reference.",
+    "memorised_fraction": "fraction of synthetic images closer to a real training image than held-out real "
+    "images ever are (flagged as near-copies); 0 = no copies.",
+    "nn_distance_ratio_median": "median of (a synthetic image's distance to its nearest training image) / "
+    "(the held-out baseline); well below 1 would mean copying.",
+}
+
+
+def fmt(value, spec: str = "{:.3f}") -> str:
+    """A number for a report cell; missing values (NaN / None) read "–", never a bare ``nan``."""
+    try:
+        if value is None or pd.isna(value):
+            return "–"
+    except (TypeError, ValueError):
+        return str(value)
+    if isinstance(value, float | np.floating | int | np.integer):
+        return spec.format(float(value)) if "f" in spec or "g" in spec else spec.format(value)
+    return str(value)
+
+
+def _ci_text(lo, hi, spec: str) -> str:
+    return "–" if pd.isna(lo) or pd.isna(hi) else f"[{spec.format(lo)}, {spec.format(hi)}]"
+
+
+def fidelity_side_by_side(fid: pd.DataFrame) -> pd.DataFrame:
+    """Metric rows × one column per synthetic set (``model``): "value [CI low, CI high]" strings."""
+    models = list(dict.fromkeys(fid["model"])) if "model" in fid else ["synthetic"]
+    metrics = list(dict.fromkeys(fid["metric"]))
+    rows = []
+    for m in metrics:
+        row = {"metric": m}
+        for name in models:
+            cell = fid[(fid["metric"] == m) & ((fid["model"] == name) if "model" in fid else True)]
+            if cell.empty:
+                row[name] = "–"
+                continue
+            r = cell.iloc[0]
+            ci = _ci_text(r.get("ci_low"), r.get("ci_high"), "{:.3g}")
+            row[name] = fmt(r["value"], "{:.3g}") + ("" if ci == "–" else f" {ci}")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fidelity_paragraph(fid: pd.DataFrame) -> str:
+    """A few sentences per synthetic set, from its fidelity rows: realism (precision), coverage (recall), rFD,
+    diversity and copying, each said in words."""
+    out = []
+    models = list(dict.fromkeys(fid["model"])) if "model" in fid else ["synthetic"]
+    for name in models:
+        part = fid[fid["model"] == name] if "model" in fid else fid
+        v = dict(zip(part["metric"], part["value"], strict=False))
+        s = [f"**{name}**:"]
+        p, r = v.get("precision"), v.get("recall")
+        if p is not None and pd.notna(p):
+            if p == 0:
+                s.append(
+                    "precision is 0: not one synthetic image lies among the real images in feature space, so the "
+                    "samples are recognisably unlike real slices to this extractor"
+                    + (f", although they span {r:.0%} of the real variety (recall)." if pd.notna(r) else ".")
+                )
+            else:
+                span = f" and they span {r:.0%} of the real variety (recall)." if pd.notna(r) else "."
+                s.append(f"{p:.0%} of the synthetic images look like real ones (precision){span}")
+        rfd = v.get("rfd")
+        if rfd is not None and pd.notna(rfd):
+            if rfd <= 1.2:
+                s.append(f"rFD {rfd:.2f}: about as close to the real slices as real data is to itself.")
+            else:
+                s.append(f"rFD {rfd:.2f}: {rfd:.1f} times as far from the real slices as real data is from itself.")
+        ms, mr = v.get("ms_ssim_synthetic"), v.get("ms_ssim_real")
+        if ms is not None and mr is not None and pd.notna(ms) and pd.notna(mr):
+            verdict = "less diverse than real slices" if ms > mr else "at least as diverse as real slices"
+            s.append(f"MS-SSIM {ms:.2f} vs {mr:.2f} between real pairs: the samples are {verdict}.")
+        mem = v.get("memorised_fraction")
+        if mem is not None and pd.notna(mem):
+            s.append(
+                "No synthetic image is a near-copy of a training image."
+                if mem == 0
+                else f"{mem:.1%} of the synthetic images are flagged as near-copies of training images."
+            )
+        out.append(" ".join(s))
+    return "\n\n".join(out)
+
+
+def _sign_words(d: float, lo: float, hi: float, higher_better: bool) -> str:
+    """What a paired difference with its CI means, in words."""
+    if pd.isna(lo) or pd.isna(hi):
+        return "no CI could be computed"
+    if lo <= 0 <= hi:
+        return "the CI crosses zero: no difference from real-only can be told apart from chance here"
+    better = (lo > 0) == higher_better
+    side = "above" if lo > 0 else "below"
+    return f"the CI lies entirely {side} zero: {'better' if better else 'worse'} than real-only"
+
+
+def segmentation_paragraph(summary: pd.DataFrame, unit: str = "mm", ci: float = 0.95) -> str:
+    """Sentences per non-reference arm and learning-curve point (class ``mean``): the paired Dice change in
+    points and the HD95 change in ``unit`` against real-only at the same n, and whether each CI crosses zero;
+    then which arm helped most."""
+    m = summary[summary["class"] == "mean"]
+    real = m[m["arm"] == "real"].set_index("n_real_patients")
+    pct = f"{ci:.0%}"
+    lines = []
+    helped, hurt = [], []
+    for _, row in m[m["arm"] != "real"].iterrows():
+        n, ref_n = int(row["n_real_patients"]), row.get("reference_n")
+        d, lo, hi = row["dice_diff_vs_real"], row["dice_diff_ci_low"], row["dice_diff_ci_high"]
+        if pd.isna(d):
+            lines.append(f"- **{row['arm']}**: no real-only arm to compare with.")
+            continue
+        ref_n = int(ref_n)
+        where = f"with {n} real patients" if n else "with no real patients"
+        ref = real["dice_mean"].get(ref_n, np.nan)
+        text = (
+            f"- **{row['arm']}** {where}: mean Dice {row['dice_mean']:.3f} vs {fmt(ref)} for real-only "
+            f"({ref_n} patients), a change of {100 * d:+.1f} Dice points ({pct} CI {100 * lo:+.1f} to "
+            f"{100 * hi:+.1f}); {_sign_words(d, lo, hi, higher_better=True)}."
+        )
+        hd, hlo, hhi = row["hd95_diff_vs_real"], row["hd95_diff_ci_low"], row["hd95_diff_ci_high"]
+        if pd.notna(hd):
+            text += (
+                f" HD95 changed by {hd:+.1f} {unit} ({pct} CI {hlo:+.1f} to {hhi:+.1f}; lower is better); "
+                f"{_sign_words(hd, hlo, hhi, higher_better=False)}."
+            )
+        lines.append(text)
+        if pd.notna(lo) and lo > 0:
+            helped.append((d, row["arm"], n))
+        if pd.notna(hi) and hi < 0:
+            hurt.append(f"{row['arm']} with {n} real patients ({100 * d:+.1f} points)")
+    if not lines:
+        return "Only the real-only arm ran: there is nothing to compare it with."
+    if helped:
+        d, arm, n = max(helped)
+        head = f"Synthetic data helped: the largest significant gain is **{arm}** with {n} real patients, " \
+               f"{100 * d:+.1f} Dice points over real-only."  # fmt: skip
+    else:
+        head = "No arm with synthetic data beat real-only with a CI above zero."
+    if hurt:
+        head += " Worse than real-only, with the CI below zero: " + "; ".join(hurt) + "."
+    return head + "\n\n" + "\n".join(lines)
+
+
+def reach_paragraph(reach: list[dict]) -> str:
+    """The "X % real + synthetic reaches Y % of all-real" figures in words (from
+    :func:`medsynth.evaluation.segmentation.reach_statements`)."""
+    if not reach:
+        return "The learning curve has a single real-patient count: no fraction of the real data to compare."
+    out = []
+    for r in reach:
+        real_part = f" (real-only with the same patients: {r['real_y_pct']:.0f} %)" if pd.notna(r["real_y_pct"]) else ""
+        out.append(
+            f"- {r['arm']}: {r['x_pct']:.0f} % of the real patients ({r['n_real_patients']} of {r['n_all']}) plus "
+            f"synthetic data reach {r['y_pct']:.0f} % of the all-real mean Dice{real_part}."
+        )
+    return "\n".join(out)
+
+
+def segmentation_tables(summary: pd.DataFrame, unit: str = "mm") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Report tables (strings, no bare ``nan``): the learning curve (class ``mean``; Dice as a fraction, the
+    difference in Dice points, HD95 in ``unit``) and the per-class Dice / HD95. The reference arm's difference
+    reads "–, reference"."""
+
+    def diff(row, metric: str, scale: float, spec: str) -> str:
+        if row["arm"] == "real":
+            return "–, reference"
+        d = row[f"{metric}_diff_vs_real"]
+        if pd.isna(d):
+            return "–"
+        lo, hi = row[f"{metric}_diff_ci_low"], row[f"{metric}_diff_ci_high"]
+        ci = _ci_text(scale * lo, scale * hi, spec) if pd.notna(lo) else "–"
+        return f"{spec.format(scale * d)} {ci}"
+
+    def pm(mean, std, spec: str) -> str:
+        return fmt(mean, spec) + ("" if pd.isna(std) or pd.isna(mean) else f" ± {spec.format(std)}")
+
+    curve, per_class = [], []
+    for _, r in summary.iterrows():
+        ref = "" if r["arm"] == "real" or pd.isna(r.get("reference_n")) else f" (vs real n={int(r['reference_n'])})"
+        if r["class"] == "mean":
+            curve.append(
+                {
+                    "arm": r["arm"],
+                    "real patients": int(r["n_real_patients"]),
+                    "seeds": int(r["n_seeds"]),
+                    "Dice (mean ± SD over seeds)": pm(r["dice_mean"], r["dice_std"], "{:.3f}"),
+                    "Dice 95 % CI": _ci_text(r.get("dice_ci_low"), r.get("dice_ci_high"), "{:.3f}"),
+                    "Δ Dice vs real-only, points [CI]": diff(r, "dice", 100.0, "{:+.1f}") + ref,
+                    f"HD95 ({unit})": pm(r["hd95_mean"], r["hd95_std"], "{:.1f}"),
+                    f"Δ HD95 ({unit}) [CI]": diff(r, "hd95", 1.0, "{:+.1f}"),
+                }
+            )
+        else:
+            per_class.append(
+                {
+                    "arm": r["arm"],
+                    "real patients": int(r["n_real_patients"]),
+                    "class": r["class"],
+                    "Dice": pm(r["dice_mean"], r["dice_std"], "{:.3f}"),
+                    "Δ Dice, points [CI]": diff(r, "dice", 100.0, "{:+.1f}"),
+                    f"HD95 ({unit})": pm(r["hd95_mean"], r["hd95_std"], "{:.1f}"),
+                }
+            )
+    return pd.DataFrame(curve), pd.DataFrame(per_class)
+
+
+def plot_learning_curve(summary: pd.DataFrame, path: str | Path, ci: float = 0.95) -> Path:
+    """Mean Dice (over classes) against the number of real training patients: one line per arm with its
+    bootstrap CI band; a synthetic-only arm (0 real patients) is a dashed horizontal line with its band."""
+    plt = _plt()
+    m = summary[summary["class"] == "mean"]
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    ns = sorted(int(n) for n in m.loc[m["n_real_patients"] > 0, "n_real_patients"].unique())
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (arm, g) in enumerate(m.groupby("arm", sort=False)):
+        g = g.sort_values("n_real_patients")
+        c = colours[i % len(colours)]
+        if (g["n_real_patients"] == 0).all() and ns:
+            r = g.iloc[0]
+            ax.axhline(r["dice_mean"], color=c, ls="--", label=f"{arm} (0 real patients)")
+            if pd.notna(r["dice_ci_low"]):
+                ax.axhspan(r["dice_ci_low"], r["dice_ci_high"], color=c, alpha=0.12)
+            continue
+        x = g["n_real_patients"].to_numpy()
+        ax.plot(x, g["dice_mean"], marker="o", color=c, label=arm)
+        if g["dice_ci_low"].notna().all():
+            ax.fill_between(x, g["dice_ci_low"], g["dice_ci_high"], color=c, alpha=0.18, linewidth=0)
+    ax.set_xlabel("real training patients (n)")
+    ax.set_ylabel("mean Dice over LV, MYO, RV (fraction)")
+    ax.set_title(f"Learning curve on held-out real test patients (bands: {ci:.0%} CI over test patients)",
+                 fontsize=8)  # fmt: skip
+    if ns:
+        ax.set_xticks(ns)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", title="arm", title_fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def _panel_title(row: pd.Series, i: int) -> str:
+    """Subject (last characters), phase and slice of one panel, as far as the metadata says."""
+    parts = [str(row["subject_id"])[-16:]] if "subject_id" in row and pd.notna(row["subject_id"]) else [f"#{i}"]
+    if "phase" in row and isinstance(row["phase"], str) and row["phase"]:
+        parts.append(row["phase"])
+    if "slice_index" in row and pd.notna(row["slice_index"]) and str(row["slice_index"]) != "":
+        parts.append(f"z{row['slice_index']}")
+    return " ".join(parts)
+
+
+def plot_samples(
+    real, synth_sets: list[tuple[str, object]], path: str | Path, n: int = 6, first: str = "real (held-out)"
+) -> Path:
+    """Rows: real slices, then each synthetic set (side by side for comparison), labels overlaid in the
+    colours of ``medsynth inspect`` with a legend; each row's first panel names its set. ``real`` and the sets
+    are SliceSets (images (N, 1, H, W) normalised, labels (N, H, W))."""
+    from matplotlib.patches import Patch
+
+    from medsynth.data.inspect import COLOURS, overlay
+    from medsynth.labels import CANONICAL
+
+    plt = _plt()
+    rows = [(first, real)] + list(synth_sets)
+    fig, axes = plt.subplots(
+        len(rows), n, figsize=(1.9 * n, 2.05 * len(rows) + 0.6), squeeze=False, layout="constrained"
+    )
+    present = set()
+    for r, (name, s) in enumerate(rows):
+        idx = np.linspace(0, max(len(s) - 1, 0), n).astype(int) if len(s) else []
+        for c in range(n):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for sp in ax.spines.values():
+                sp.set_visible(False)
+            if c < len(idx):
+                i = idx[c]
+                present |= set(np.unique(s.labels[i]).tolist())
+                ax.imshow(overlay(s.images[i, 0], s.labels[i]), interpolation="nearest")
+                ax.set_title(_panel_title(s.meta.iloc[i], i), fontsize=6)
+        axes[r, 0].set_ylabel(name, fontsize=9, fontweight="bold")
+    handles = [Patch(color=col, label=CANONICAL[k]) for k, col in COLOURS.items() if k in present] or [
+        Patch(color=col, label=CANONICAL[k]) for k, col in COLOURS.items()
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False,
+               title="label overlay", title_fontsize=8)  # fmt: skip
+    fig.suptitle("Real vs synthetic slices (one row per set; labels overlaid)", fontsize=9)
+    with atomic_file(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return Path(path)

@@ -2,12 +2,23 @@
 
 Arms (each run for every seed, with the same iteration budget so they compete on equal compute):
 
-- ``real``: real training slices of ``n_train_patients`` patients (drawn per seed; ``None`` = all);
-- ``real+synthetic``: the same real slices plus ``round(synthetic_ratio × n_real_slices)`` synthetic ones;
-- ``synthetic``: synthetic slices only (train on synthetic, test on real).
+- ``real``: real training slices of n real patients;
+- ``real+synthetic``: the same real slices plus ``round(synthetic_ratio × n_real_slices)`` synthetic ones,
+  one arm per synthetic set (``real+<set>`` when the sets are named, e.g. one per family);
+- ``synthetic``: synthetic slices only (train on synthetic, test on real; ``<set> only`` when named).
 
-A seed fixes the patient draw, the synthetic draw, the initialisation and the batches, so arms sharing a
-seed form a paired comparison. Test slices are grouped into volumes by ``meta['case']`` and ordered by
+Learning curve: the real arms run for every n in ``n_real_patients`` (e.g. ``[2, 4, 6, 12, "all"]``). Per
+seed the real training patients are put in one seeded random order (:func:`patient_order`) and n takes the
+first n of it, so the subsets are nested (the 2 patients of n=2 are among the 4 of n=4) and patient-level;
+a test patient in the training split is an error. The mixing of synthetic slices into a batch is
+``mixing``: ``pool`` (real and synthetic slices drawn uniformly from one pool: expected synthetic share
+ratio / (1 + ratio)) or ``per_batch`` (exactly ``round(synthetic_batch_share × batch_size)`` synthetic
+slices in every batch). Every arm gets the same standard augmentation (:class:`AugmentationConfig`), so a
+gain from synthetic data is more than "any augmentation". The effective ratio, mixing, share and the
+augmentation are columns of the per-case table.
+
+A seed fixes the patient order, the synthetic draw, the initialisation and the batches, so arms sharing a
+seed and n form a paired comparison. Test slices are grouped into volumes by ``meta['case']`` and ordered by
 ``slice_index``; Dice and HD95 per class come from MONAI's ``DiceMetric`` / Hausdorff distance (:func:`hd95`) on
 the stacked (H, W, Z) volume at the training resolution (``image_size``²). HD95 is in mm when the slice
 ``record`` (JSON written by :mod:`medsynth.data.preprocess`) carries the source spacing, else in pixels of
@@ -22,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Literal
 
@@ -29,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, PositiveInt, field_validator
 from tqdm.auto import tqdm
 
 from medsynth.config import StrictModel
@@ -44,6 +56,32 @@ log = logging.getLogger(__name__)
 
 ARMS = ("real", "real+synthetic", "synthetic")
 
+#: Learning-curve points: positive numbers of real training patients, or "all".
+NRealPatients = list[PositiveInt | Literal["all"]]
+
+
+def check_n_real_patients(v: list) -> list:
+    """Non-empty, no repeats (shared by :class:`SegmentationConfig` and the run config's stage)."""
+    if not v:
+        raise ValueError("n_real_patients: give at least one number of real patients (or 'all')")
+    if len(set(v)) != len(v):
+        raise ValueError(f"n_real_patients: repeated entries in {v}")
+    return v
+
+
+class AugmentationConfig(StrictModel):
+    """Standard augmentation of every arm's training batches (real and synthetic slices alike), so a gain from
+    synthetic data is measured on top of it. Each slice of a batch gets its own random draw."""
+
+    rotate_deg: float = Field(15.0, ge=0, le=180)  # uniform in ± rotate_deg
+    zoom: float = Field(0.1, ge=0, lt=0.5)  # scale uniform in 1 ± zoom
+    shift: float = Field(0.05, ge=0, le=0.5)  # uniform in ± shift, in normalised [-1, 1] image coordinates
+    intensity_scale: float = Field(0.1, ge=0, lt=1)  # intensity × (1 ± intensity_scale)
+    intensity_offset: float = Field(0.05, ge=0, le=1)  # intensity + (± intensity_offset), normalised units
+    #: left-right mirror with probability 0.5. Off by default: a mirrored short-axis slice puts the RV on the
+    #: wrong side of the LV, an anatomy no test patient has.
+    flip: bool = False
+
 
 class SegmentationConfig(StrictModel):
     """Protocol settings; the defaults finish in a few minutes on 2 CPU cores."""
@@ -56,12 +94,20 @@ class SegmentationConfig(StrictModel):
     num_res_units: int = 1
     seeds: list[int] = [0, 1, 2]
     arms: list[str] = list(ARMS)
-    synthetic_ratio: float = 1.0
-    n_train_patients: int | None = None
+    #: synthetic slices per real slice in the real+synthetic arms
+    synthetic_ratio: float = Field(1.0, ge=0)
+    #: ``pool``: one pool, uniform draws; ``per_batch``: a fixed synthetic share of every batch
+    mixing: Literal["pool", "per_batch"] = "pool"
+    synthetic_batch_share: float = Field(0.5, ge=0, le=1)  # per_batch only
+    #: one learning-curve point (kept for the CLI and the translation evaluation); ``n_real_patients`` wins
+    n_train_patients: PositiveInt | None = None
+    #: learning curve: numbers of real training patients (``"all"`` = the whole training split)
+    n_real_patients: NRealPatients | None = None
     num_threads: int = 1
     n_bootstrap: int = 1000
     ci: float = 0.95
-    augment: bool = True
+    augment: bool = True  # apply ``augmentation`` in every arm
+    augmentation: AugmentationConfig = AugmentationConfig()
     #: ``"heart"``: train and test on square crops around each case's reference heart labels (see
     #: :func:`roi_boxes`), as a two-stage pipeline with a perfect first stage would; small structures (scar)
     #: then get several times more U-Net pixels. ``"none"``: the whole slice.
@@ -71,6 +117,25 @@ class SegmentationConfig(StrictModel):
     #: CLI only: seeded patient-level test fraction when the manifest has no split.
     test_fraction: float = 0.3
     split_seed: int = 0
+
+    @field_validator("n_real_patients")
+    @classmethod
+    def _check_curve(cls, v: list | None) -> list | None:
+        return v if v is None else check_n_real_patients(v)
+
+    def curve(self) -> list[int | str]:
+        """The learning-curve points: ``n_real_patients``, else ``[n_train_patients or "all"]``."""
+        if self.n_real_patients is not None:
+            return list(self.n_real_patients)
+        return [self.n_train_patients if self.n_train_patients is not None else "all"]
+
+    def synthetic_share(self) -> float:
+        """Expected fraction of synthetic slices in a real+synthetic batch."""
+        if self.synthetic_ratio <= 0:
+            return 0.0
+        if self.mixing == "per_batch":
+            return round(self.synthetic_batch_share * self.batch_size) / self.batch_size
+        return self.synthetic_ratio / (1.0 + self.synthetic_ratio)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -140,36 +205,66 @@ def _subjects(s: SliceSet) -> np.ndarray:
     return s.meta["subject_id"].astype(str).to_numpy()
 
 
-def select_patients(real_train: SliceSet, n: int | None, seed: int) -> SliceSet:
-    """Slices of ``n`` patients of ``real_train`` drawn with ``seed`` (all when ``n`` is None)."""
-    subj = _subjects(real_train)
-    uniq = np.unique(subj)
-    if n is None or n >= len(uniq):
-        return real_train
+def patient_order(real_train: SliceSet, seed: int) -> np.ndarray:
+    """The training patients (sorted ids) in one random order fixed by ``seed``: n patients are its first n,
+    so the learning-curve subsets of one seed are nested."""
+    return rng(seed).permutation(np.unique(_subjects(real_train)))
+
+
+def resolve_n(n: int | str | None, n_available: int) -> int:
+    """A learning-curve point as a number of patients: ``"all"``/None → ``n_available``; more than
+    ``n_available`` is an error (the curve would silently train on fewer patients than it says)."""
+    if n is None or n == "all":
+        return n_available
+    n = int(n)
     if n <= 0:
-        raise ValueError(f"n_train_patients: must be positive, got {n}")
-    chosen = rng(seed).choice(uniq, n, replace=False)
-    return real_train.subset(np.isin(subj, chosen))
+        raise ValueError(f"n_real_patients: must be positive, got {n}")
+    if n > n_available:
+        raise ValueError(f"n_real_patients: {n} real patients asked for, the training split has {n_available}")
+    return n
+
+
+def select_patients(real_train: SliceSet, n: int | str | None, seed: int) -> SliceSet:
+    """Slices of the first ``n`` patients of :func:`patient_order` (all when ``n`` is None or "all")."""
+    order = patient_order(real_train, seed)
+    k = resolve_n(n, len(order))
+    if k == len(order):
+        return real_train
+    return real_train.subset(np.isin(_subjects(real_train), order[:k]))
+
+
+def _tag(s: SliceSet, origin: str) -> SliceSet:
+    from medsynth.data.slices import SliceSet
+
+    return SliceSet(s.images, s.labels, s.meta.assign(origin=origin))
 
 
 def build_arm(arm: str, real: SliceSet, synthetic: SliceSet | None, ratio: float, seed: int) -> SliceSet:
-    """Training set of ``arm`` from the already selected real slices and the synthetic pool."""
+    """Training set of ``arm`` (a kind of :data:`ARMS`) from the already selected real slices and the synthetic
+    pool; ``meta['origin']`` says which slices are ``real`` and which ``synthetic``."""
     from medsynth.data.slices import SliceSet
 
     if arm == "real":
-        return real
+        return _tag(real, "real")
     if synthetic is None or len(synthetic) == 0:
         raise ValueError(f"arms: arm {arm!r} needs a synthetic set")
     if arm == "synthetic":
-        return synthetic
+        return _tag(synthetic, "synthetic")
     if arm == "real+synthetic":
         n = int(round(ratio * len(real)))
         if n <= 0:
-            return real
+            return _tag(real, "real")
         idx = rng(seed + 7919).choice(len(synthetic), n, replace=n > len(synthetic))
         syn = synthetic.subset(np.sort(idx))
-        return SliceSet.concat([real, syn])
+        return SliceSet.concat([_tag(real, "real"), _tag(syn, "synthetic")])
     raise ValueError(f"arms: unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
+
+
+def real_patients(train: SliceSet) -> list[str]:
+    """Sorted ids of the real patients in a training set of :func:`build_arm` (what the U-Net sees)."""
+    meta = train.meta
+    real = meta if "origin" not in meta else meta[meta["origin"] == "real"]
+    return sorted(real["subject_id"].astype(str).unique())
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -188,43 +283,78 @@ def make_unet(cfg: SegmentationConfig) -> torch.nn.Module:
     )
 
 
+#: Trainings running now (threads of a task runner): a second concurrent one draws no tqdm bar of its own,
+#: so two seeds never garble each other's line; both still log their start, estimate and end.
+_ACTIVE = {"n": 0}
+_ACTIVE_LOCK = threading.Lock()
+
+
 @exclusive_global_rng
-def train_unet(train: SliceSet, cfg: SegmentationConfig, seed: int) -> tuple[torch.nn.Module, dict]:
+def train_unet(train: SliceSet, cfg: SegmentationConfig, seed: int, name: str = "") -> tuple[torch.nn.Module, dict]:
     """Train the U-Net on ``train`` for ``cfg.iterations`` batches (DiceCE loss, Adam, cosine LR).
 
     Uses ``cfg.num_threads`` torch threads during training (restored afterwards): on a busy 2-core machine
-    1 thread is often several times faster than 2.
+    1 thread is often several times faster than 2. ``name`` labels the log lines and the progress bar.
     """
     if len(train) == 0:
         raise ValueError("train: empty training set")
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, cfg.num_threads))
+    with _ACTIVE_LOCK:
+        _ACTIVE["n"] += 1
+        alone = _ACTIVE["n"] == 1
     try:
-        return _train(train, cfg, seed)
+        return _train(train, cfg, seed, name or f"seed {seed}", show_bar=cfg.progress and alone)
     finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE["n"] -= 1
         torch.set_num_threads(prev_threads)
 
 
-def _train(train: SliceSet, cfg: SegmentationConfig, seed: int) -> tuple[torch.nn.Module, dict]:
+def _batch_indices(origin: np.ndarray | None, cfg: SegmentationConfig, gen: torch.Generator) -> torch.Tensor:
+    """Row indices of one batch: uniform over the pool, or (``per_batch``) a fixed synthetic share."""
+    n = len(origin) if origin is not None else 0
+    b = min(cfg.batch_size, n)
+    if cfg.mixing == "per_batch" and origin is not None:
+        syn, real = np.flatnonzero(origin == "synthetic"), np.flatnonzero(origin != "synthetic")
+        if len(syn) and len(real):
+            k = int(round(cfg.synthetic_batch_share * cfg.batch_size))
+            k = min(max(k, 0), cfg.batch_size)
+            i_s = torch.from_numpy(syn)[torch.randint(0, len(syn), (k,), generator=gen)]
+            i_r = torch.from_numpy(real)[torch.randint(0, len(real), (cfg.batch_size - k,), generator=gen)]
+            return torch.cat([i_r, i_s])
+    return torch.randint(0, n, (b,), generator=gen)
+
+
+def _train(
+    train: SliceSet, cfg: SegmentationConfig, seed: int, name: str, show_bar: bool
+) -> tuple[torch.nn.Module, dict]:
     from monai.losses import DiceCELoss
 
     gen = seed_everything(seed)
     x_all, y_all, _ = _inputs(train, cfg)
+    origin = train.meta["origin"].astype(str).to_numpy() if "origin" in train.meta else np.full(len(train), "real")
     model = make_unet(cfg)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iterations)
     model.train()
+    log.info(
+        "U-Net %s: %d steps, batch %d, %d training slices (%d synthetic, mixing %s)",
+        name, cfg.iterations, cfg.batch_size, len(train), int((origin == "synthetic").sum()), cfg.mixing,
+    )  # fmt: skip
     t0 = time.perf_counter()
     loss_v = float("nan")
-    steps = tqdm(
-        range(cfg.iterations), desc=f"U-Net seed {seed}", disable=not cfg.progress, leave=False, mininterval=2.0
-    )
+    steps = tqdm(range(cfg.iterations), desc=f"U-Net {name}", disable=not show_bar, leave=False, mininterval=2.0)
+    n_syn = n_seen = 0
+    announce_at = min(5, cfg.iterations)
     for it in steps:
-        idx = torch.randint(0, len(x_all), (min(cfg.batch_size, len(x_all)),), generator=gen)
+        idx = _batch_indices(origin, cfg, gen)
+        n_syn += int((origin[idx.numpy()] == "synthetic").sum())
+        n_seen += len(idx)
         x, y = x_all[idx], y_all[idx]
         if cfg.augment:
-            x, y = _augment(x, y, gen)
+            x, y = _augment(x, y, gen, cfg.augmentation)
         loss = loss_fn(model(x), y[:, None])
         if not torch.isfinite(loss):
             raise TrainingError(f"segmentation U-Net: non-finite loss at step {it}")
@@ -233,24 +363,43 @@ def _train(train: SliceSet, cfg: SegmentationConfig, seed: int) -> tuple[torch.n
         opt.step()
         sched.step()
         loss_v = float(loss.detach())
+        if it + 1 == announce_at and cfg.iterations > announce_at:
+            per_step = (time.perf_counter() - t0) / announce_at
+            log.info("U-Net %s: ~%.0f s expected (%.2f s/step over the first %d)", name,
+                     per_step * cfg.iterations, per_step, announce_at)  # fmt: skip
     model.eval()
-    return model, {"final_loss": loss_v, "train_seconds": time.perf_counter() - t0, "n_train_slices": len(train)}
+    seconds = time.perf_counter() - t0
+    log.info("U-Net %s: done in %.1f s, final loss %.3f", name, seconds, loss_v)
+    return model, {
+        "final_loss": loss_v,
+        "train_seconds": seconds,
+        "n_train_slices": len(train),
+        "n_synthetic_slices": int((origin == "synthetic").sum()),
+        "synthetic_batch_fraction": n_syn / n_seen if n_seen else 0.0,
+        "real_patients": real_patients(train),
+    }
 
 
-def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Small random rotation (±15°), zoom (0.9–1.1), shift (±5 %) and intensity jitter. No flips: a mirror
-    image would swap the RV to the wrong side of the LV."""
+def _augment(
+    x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, aug: AugmentationConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random rotation, zoom, shift and intensity jitter (and, when ``aug.flip``, a left-right mirror) of a
+    batch x (N, 1, s, s), y (N, s, s); ranges in :class:`AugmentationConfig`."""
+    aug = aug or AugmentationConfig()
     n = len(x)
-    ang = (torch.rand(n, generator=gen) - 0.5) * (torch.pi / 6)
-    zoom = 0.9 + 0.2 * torch.rand(n, generator=gen)
-    shift = (torch.rand(n, 2, generator=gen) - 0.5) * 0.1
+    ang = (torch.rand(n, generator=gen) - 0.5) * (2 * aug.rotate_deg * torch.pi / 180)
+    zoom = (1 - aug.zoom) + 2 * aug.zoom * torch.rand(n, generator=gen)
+    shift = (torch.rand(n, 2, generator=gen) - 0.5) * (2 * aug.shift)
     cos, sin = torch.cos(ang) / zoom, torch.sin(ang) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    if aug.flip:
+        mirror = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+        theta[:, :, 0] = theta[:, :, 0] * mirror[:, None]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    scale = 1.0 + 0.2 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
-    offset = 0.1 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
+    scale = 1.0 + 2 * aug.intensity_scale * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
+    offset = 2 * aug.intensity_offset * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
     return x * scale + offset, y[:, 0].long()
 
 
@@ -358,39 +507,93 @@ def evaluate_cases(
 # --------------------------------------------------------------------------------------------- protocol
 
 
-def run_segmentation_protocol(
-    real_train: SliceSet, real_test: SliceSet, synthetic: SliceSet | None, config: SegmentationConfig | None = None
-) -> pd.DataFrame:
-    """Train every arm × seed and evaluate on ``real_test``; returns the per-case long table.
-
-    Columns: arm, seed, n_real_patients, n_train_slices, case, subject_id, class, dice, hd95, hd95_unit,
-    train_seconds. Aggregate with :func:`per_seed_table` and :func:`summarise`.
-    """
-    cfg = config or SegmentationConfig()
-    unknown = set(cfg.arms) - set(ARMS)
+def arm_plan(kinds: list[str], set_names: list[str]) -> list[tuple[str, str, str]]:
+    """``(arm name, kind, synthetic set)`` per arm: ``real``; per set ``real+<set>`` and ``<set> only`` (a
+    single unnamed set, called ``synthetic``, keeps the kind names ``real+synthetic`` and ``synthetic``)."""
+    unknown = set(kinds) - set(ARMS)
     if unknown:
         raise ValueError(f"arms: unknown {sorted(unknown)}; allowed: {', '.join(ARMS)}")
-    arms = [a for a in cfg.arms if a == "real" or synthetic is not None]
-    if synthetic is None and len(arms) < len(cfg.arms):
+    plan = []
+    for kind in kinds:
+        if kind == "real":
+            plan.append(("real", "real", ""))
+            continue
+        for name in set_names:
+            if kind == "real+synthetic":
+                plan.append((f"real+{name}", kind, name))
+            else:
+                plan.append((name if name == "synthetic" else f"{name} only", kind, name))
+    return plan
+
+
+def run_segmentation_protocol(
+    real_train: SliceSet,
+    real_test: SliceSet,
+    synthetic: SliceSet | dict[str, SliceSet] | None,
+    config: SegmentationConfig | None = None,
+) -> pd.DataFrame:
+    """Train every arm × learning-curve point × seed and evaluate on ``real_test``; the per-case long table.
+
+    ``synthetic``: one set, or named sets (e.g. one per family: each gets its own ``real+<name>`` and
+    ``<name> only`` arm). The real arms run for every n of ``config.curve()``; the synthetic-only arms once per
+    seed (``n_real_patients`` 0). Columns: arm, arm_kind, synthetic_set, seed, n_real_patients,
+    n_train_slices, n_synthetic_slices, synthetic_ratio, mixing, synthetic_batch_fraction (measured share of
+    synthetic slices over all batches), augmentation (JSON), train_patients (``;``-joined ids of the real
+    patients trained on), case, subject_id, class, dice, hd95, hd95_unit, train_seconds. Aggregate with
+    :func:`per_seed_table` and :func:`summarise`.
+    """
+    cfg = config or SegmentationConfig()
+    named = synthetic if isinstance(synthetic, dict) else {"synthetic": synthetic}
+    sets = {k: v for k, v in named.items() if v is not None and len(v)}
+    plan = arm_plan(cfg.arms, sorted(sets))
+    if not sets and any(kind != "real" for kind in cfg.arms):
         log.info("no synthetic set: running the real-only arm")
     if len(real_test) == 0:
         raise ValueError("real_test: empty test set")
+    leaked = set(_subjects(real_train)) & set(_subjects(real_test))
+    if leaked:
+        raise ValueError(f"real_test: test patients also in the training split: {sorted(leaked)[:5]}")
     classes = [c for c in range(1, N_CLASSES) if (real_test.labels == c).any()]
+    n_available = len(np.unique(_subjects(real_train)))
+    curve = sorted({resolve_n(n, n_available) for n in cfg.curve()})
+    aug_json = json.dumps(cfg.augmentation.model_dump() if cfg.augment else None, sort_keys=True)
     out = []
+
+    def run(arm: str, kind: str, set_name: str, seed: int, real: SliceSet | None) -> None:
+        train = build_arm(kind, real, sets.get(set_name), cfg.synthetic_ratio, seed)
+        model, info = train_unet(train, cfg, seed, name=f"{arm} n={len(real_patients(train))} seed {seed}")
+        if set(info["real_patients"]) & set(_subjects(real_test)):
+            raise RuntimeError("a test patient reached the training set")  # guarded above; never expected
+        res = evaluate_cases(model, real_test, cfg, classes)
+        cols = {
+            "arm": arm,
+            "arm_kind": kind,
+            "synthetic_set": set_name,
+            "seed": seed,
+            "n_real_patients": len(info["real_patients"]),
+            "n_train_slices": info["n_train_slices"],
+            "n_synthetic_slices": info["n_synthetic_slices"],
+            "synthetic_ratio": cfg.synthetic_ratio if kind == "real+synthetic" else float("nan"),
+            "mixing": cfg.mixing if kind == "real+synthetic" else "",
+            "synthetic_batch_fraction": info["synthetic_batch_fraction"],
+            "augmentation": aug_json,
+            "train_patients": ";".join(info["real_patients"]),
+        }
+        for i, (k, v) in enumerate(cols.items()):
+            res.insert(i, k, v)
+        res["train_seconds"] = info["train_seconds"]
+        log.info("arm %s n=%d seed %d: mean Dice %.3f", arm, cols["n_real_patients"], seed, res["dice"].mean())
+        out.append(res)
+
     for seed in cfg.seeds:
-        real = select_patients(real_train, cfg.n_train_patients, seed)
-        n_pat = len(np.unique(_subjects(real)))
-        for arm in arms:
-            train = build_arm(arm, real, synthetic, cfg.synthetic_ratio, seed)
-            model, info = train_unet(train, cfg, seed)
-            res = evaluate_cases(model, real_test, cfg, classes)
-            res.insert(0, "arm", arm)
-            res.insert(1, "seed", seed)
-            res.insert(2, "n_real_patients", n_pat if arm != "synthetic" else 0)
-            res.insert(3, "n_train_slices", info["n_train_slices"])
-            res["train_seconds"] = info["train_seconds"]
-            log.info("arm %s seed %d: mean Dice %.3f (%.1fs)", arm, seed, res["dice"].mean(), info["train_seconds"])
-            out.append(res)
+        for n in curve:
+            real = select_patients(real_train, n, seed)
+            for arm, kind, set_name in plan:
+                if kind != "synthetic":
+                    run(arm, kind, set_name, seed, real)
+        for arm, kind, set_name in plan:
+            if kind == "synthetic":
+                run(arm, kind, set_name, seed, None)
     return pd.concat(out, ignore_index=True)
 
 
@@ -400,40 +603,61 @@ TIMING_COLUMNS: tuple[str, ...] = ("train_seconds",)
 
 
 def split_timings(per_case: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(per_case without timing columns, timings)``; timings has one row per arm × seed."""
+    """``(per_case without timing columns, timings)``; timings has one row per arm × n × seed."""
     cols = [c for c in TIMING_COLUMNS if c in per_case.columns]
-    keys = [c for c in ("arm", "seed") if c in per_case.columns]
+    keys = [c for c in ("arm", "n_real_patients", "seed") if c in per_case.columns]
     timings = per_case[keys + cols].drop_duplicates(keys).reset_index(drop=True) if cols else pd.DataFrame()
     return per_case.drop(columns=cols), timings
 
 
 def per_seed_table(per_case: pd.DataFrame) -> pd.DataFrame:
-    """One row per arm × seed × class: mean Dice and HD95 over test patients."""
-    g = per_case.groupby(["arm", "seed", "class"], sort=False)
+    """One row per arm × n real patients × seed × class: mean Dice and HD95 over test patients."""
+    g = per_case.groupby(["arm", "n_real_patients", "seed", "class"], sort=False)
     return g.agg(
         dice=("dice", "mean"),
         hd95=("hd95", "mean"),
         hd95_unit=("hd95_unit", "first"),
         n_cases=("case", "nunique"),
-        n_real_patients=("n_real_patients", "first"),
         n_train_slices=("n_train_slices", "first"),
     ).reset_index()
 
 
+def reference_n(arm_n: int, real_ns: list[int]) -> int | None:
+    """The real-only curve point an arm is paired with: the same n, or (synthetic-only, n = 0) the largest."""
+    if arm_n in real_ns:
+        return arm_n
+    return max(real_ns) if arm_n == 0 and real_ns else None
+
+
+def paired_difference(a: pd.Series, r: pd.Series) -> pd.Series:
+    """Per test case: the arm's metric minus the reference's, paired by (seed, case), averaged over seeds.
+    ``a`` and ``r`` are indexed by (seed, case); cases missing on either side drop out."""
+    diff = a - r.reindex(a.index)
+    return diff.groupby(level="case").mean().dropna()
+
+
 def summarise(per_case: pd.DataFrame, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Per arm × class (plus class 'mean' over classes): mean ± std over seeds, and the paired difference
-    to the real-only arm (per case, averaged over seeds) with a percentile bootstrap CI over test cases."""
+    """Per arm × n real patients × class (plus class 'mean' over classes): mean ± std over seeds, a bootstrap
+    CI over test cases of the (seed-averaged) mean, and the paired difference to the real-only arm at the same
+    n (:func:`reference_n`; per case, averaged over seeds) with a percentile bootstrap CI over test cases.
+    ``reference_n`` names the real-only point each difference is against (empty for the real arm)."""
     from medsynth.evaluation.fidelity import bootstrap_mean_ci
 
     pc = per_case.copy()
-    mean_cls = pc.groupby(["arm", "seed", "case"], sort=False)[["dice", "hd95"]].mean().reset_index()
+    if "n_real_patients" not in pc:
+        pc["n_real_patients"] = 0
+    keys = ["arm", "n_real_patients", "seed", "case"]
+    mean_cls = pc.groupby(keys, sort=False)[["dice", "hd95"]].mean().reset_index()
     mean_cls["class"] = "mean"
     pc = pd.concat([pc, mean_cls], ignore_index=True)
-    seeds = pc.groupby(["arm", "class", "seed"], sort=False)[["dice", "hd95"]].mean().reset_index()
+    seeds = pc.groupby(["arm", "n_real_patients", "class", "seed"], sort=False)[["dice", "hd95"]].mean().reset_index()
+    real_ns = sorted(int(n) for n in pc.loc[pc["arm"] == "real", "n_real_patients"].unique())
     rows = []
-    for (arm, cls), grp in seeds.groupby(["arm", "class"], sort=False):
+    for (arm, n, cls), grp in seeds.groupby(["arm", "n_real_patients", "class"], sort=False):
+        cell = pc[(pc["arm"] == arm) & (pc["n_real_patients"] == n) & (pc["class"] == cls)]
         row = {
             "arm": arm,
+            "n_real_patients": int(n),
             "class": cls,
             "n_seeds": len(grp),
             "dice_mean": grp["dice"].mean(),
@@ -441,12 +665,18 @@ def summarise(per_case: pd.DataFrame, n_bootstrap: int = 1000, ci: float = 0.95,
             "hd95_mean": grp["hd95"].mean(),
             "hd95_std": grp["hd95"].std(ddof=1) if len(grp) > 1 else float("nan"),
         }
+        per_case_dice = cell.groupby("case")["dice"].mean().dropna().to_numpy()
+        _, row["dice_ci_low"], row["dice_ci_high"] = (
+            bootstrap_mean_ci(per_case_dice, n_bootstrap, ci, seed) if len(per_case_dice) else (0, np.nan, np.nan)
+        )
+        ref = reference_n(int(n), real_ns) if arm != "real" else None
+        row["reference_n"] = ref if ref is not None else pd.NA
         for metric in ("dice", "hd95"):
             d, lo, hi = float("nan"), float("nan"), float("nan")
-            if arm != "real" and "real" in set(pc["arm"]):
-                a = pc[(pc["arm"] == arm) & (pc["class"] == cls)].set_index(["seed", "case"])[metric]
-                r = pc[(pc["arm"] == "real") & (pc["class"] == cls)].set_index(["seed", "case"])[metric]
-                diff = (a - r.reindex(a.index)).groupby(level="case").mean().dropna()
+            if ref is not None:
+                a = cell.set_index(["seed", "case"])[metric]
+                r = pc[(pc["arm"] == "real") & (pc["n_real_patients"] == ref) & (pc["class"] == cls)]
+                diff = paired_difference(a, r.set_index(["seed", "case"])[metric])
                 if len(diff):
                     d, lo, hi = bootstrap_mean_ci(diff.to_numpy(), n_bootstrap, ci, seed)
             row[f"{metric}_diff_vs_real"] = d
@@ -454,3 +684,34 @@ def summarise(per_case: pd.DataFrame, n_bootstrap: int = 1000, ci: float = 0.95,
             row[f"{metric}_diff_ci_high"] = hi
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def reach_statements(summary: pd.DataFrame) -> list[dict]:
+    """The "X % of the real patients + synthetic reaches Y % of the all-real Dice" figures, from the curve.
+
+    For every non-reference arm and real-curve point n below the largest: ``x_pct`` = n / n_all × 100,
+    ``y_pct`` = arm mean Dice at n / real-only mean Dice at n_all × 100, and the same ratio for real-only at n
+    (``real_y_pct``), so the words can say what the synthetic data added. Class ``mean`` rows only."""
+    m = summary[summary["class"] == "mean"]
+    real = m[m["arm"] == "real"].set_index("n_real_patients")["dice_mean"]
+    if real.empty:
+        return []
+    n_all = int(real.index.max())
+    ref = float(real.loc[n_all])
+    out = []
+    for arm, grp in m[m["arm"] != "real"].groupby("arm", sort=False):
+        for _, row in grp.sort_values("n_real_patients").iterrows():
+            n = int(row["n_real_patients"])
+            if n >= n_all or not np.isfinite(ref) or ref <= 0:
+                continue
+            out.append(
+                {
+                    "arm": arm,
+                    "n_real_patients": n,
+                    "n_all": n_all,
+                    "x_pct": 100.0 * n / n_all,
+                    "y_pct": 100.0 * float(row["dice_mean"]) / ref,
+                    "real_y_pct": 100.0 * float(real.get(n, np.nan)) / ref if n in real.index else float("nan"),
+                }
+            )
+    return out

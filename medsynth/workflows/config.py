@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from medsynth.config import KeyProblem, StrictModel, check_with, load_config, nested
 from medsynth.data.preprocess import PreprocessConfig
@@ -145,10 +145,30 @@ class FidelityStageConfig(StrictModel):
 
 
 class SegmentationStageConfig(StrictModel):
+    """Downstream U-Net arms. ``real+synthetic`` and ``synthetic`` run once per labelled synthetic set (one
+    per fitted family, e.g. ``real+gmm``); the real arms run for every learning-curve point of
+    ``n_real_patients`` (numbers of real training patients, or ``all``), each with every seed."""
+
     enabled: bool = True
     arms: list[Literal["real", "real+synthetic", "synthetic"]] = ["real", "real+synthetic"]
     seeds: list[int] = [0, 1, 2]
+    n_real_patients: list[PositiveInt | Literal["all"]] = ["all"]
     params: SegmentationParams = {}
+
+    @field_validator("n_real_patients")
+    @classmethod
+    def _check_curve(cls, v: list) -> list:
+        from medsynth.evaluation.segmentation import check_n_real_patients
+
+        return check_n_real_patients(v)
+
+    @model_validator(mode="after")
+    def _stage_keys(self) -> SegmentationStageConfig:
+        for key in ("arms", "seeds", "n_real_patients", "n_train_patients"):
+            if key in self.params:
+                where = "n_real_patients" if key == "n_train_patients" else key
+                raise KeyProblem(f"params.{key}", f"set evaluation.segmentation.{where} instead (the stage sets it)")
+        return self
 
 
 class AnomalyStageConfig(StrictModel):

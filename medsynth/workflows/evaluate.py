@@ -62,8 +62,10 @@ def segmentation_arm(
     arm: str,
     seed: int,
     params: dict[str, Any],
+    n_real: int | str = "all",
 ) -> dict[str, Any]:
-    """Train one U-Net (one arm, one seed) and evaluate it per patient on the held-out real test split."""
+    """Train one U-Net (one arm kind, one learning-curve point ``n_real``, one seed) and evaluate it per
+    patient on the held-out real test split. Each synthetic record is one named set (``real+<name>``)."""
     from medsynth.config import validate
     from medsynth.evaluation.segmentation import SegmentationConfig, run_segmentation_protocol
 
@@ -72,17 +74,22 @@ def segmentation_arm(
         "synthetic": sorted(r["key"] for r in synth_records),
         "arm": arm,
         "seed": seed,
+        "n_real": n_real,
         "params": params,
     }
 
     def build(tmp: Path) -> dict[str, Any]:
-        cfg = validate(SegmentationConfig, {**params, "arms": [arm], "seeds": [seed]}, "evaluation.segmentation")
+        cfg = validate(
+            SegmentationConfig,
+            {**params, "arms": [arm], "seeds": [seed], "n_real_patients": [n_real]},
+            "evaluation.segmentation",
+        )
         train = load_split(slices_record, "train")
         test = _reference_split(slices_record)
-        synth = SliceSet.concat([SliceSet.load(artefact(r)) for r in synth_records]) if synth_records else None
+        synth = {r["name"]: SliceSet.load(artefact(r)) for r in synth_records} or None
         per_case = run_segmentation_protocol(train, test, synth, cfg)
         per_case.to_csv(tmp / "per_case.csv", index=False)
-        return {"path": "per_case.csv", "arm": arm, "seed": seed}
+        return {"path": "per_case.csv", "arm": arm, "seed": seed, "n_real": n_real}
 
     return run_stage(work, "segmentation", inputs, build)
 
@@ -146,6 +153,61 @@ def _report_head(
     ]
 
 
+def _protocol_lines(seg_stage: dict[str, Any], per_case: pd.DataFrame, n_test: int) -> tuple[list[str], pd.DataFrame]:
+    """The protocol in words (for the report) and as a one-row table (``metrics/segmentation_protocol.csv``)."""
+    from medsynth.evaluation.segmentation import SegmentationConfig
+
+    cfg = SegmentationConfig(**seg_stage["params"])
+    aug = cfg.augmentation
+    aug_text = (
+        f"rotation ±{aug.rotate_deg:g}°, zoom ±{aug.zoom:.0%}, shift ±{aug.shift:g} (normalised coordinates), "
+        f"intensity ×(1 ± {aug.intensity_scale:g}) + (± {aug.intensity_offset:g}), "
+        + ("left-right flips" if aug.flip else "no flips (a mirrored slice puts the RV on the wrong side)")
+        if cfg.augment
+        else "none"
+    )
+    share = per_case.loc[per_case["arm_kind"] == "real+synthetic", "synthetic_batch_fraction"]
+    mix = (
+        f"pooled with the real slices and drawn uniformly (expected synthetic share of a batch "
+        f"{cfg.synthetic_share():.0%})"
+        if cfg.mixing == "pool"
+        else f"a fixed {cfg.synthetic_batch_share:.0%} of every batch"
+    )
+    lines = [
+        f"Each arm trains a 2-D MONAI U-Net (channels {list(cfg.channels)}, DiceCE loss, Adam, {cfg.iterations} "
+        f"steps of batch {cfg.batch_size}, {cfg.image_size}² px{', heart ROI' if cfg.roi == 'heart' else ''}) "
+        f"and is scored per test patient volume in 3-D on {n_test} held-out real test volumes; seeds "
+        f"{seg_stage['seeds']}. Real training patients per learning-curve point: "
+        f"{', '.join(str(n) for n in seg_stage['n_real_patients'])} (nested: every seed orders the training "
+        "patients once at random and takes the first n; no test patient is ever trained on).",
+        f"Synthetic slices: {cfg.synthetic_ratio:g} per real slice, {mix}"
+        + (f"; measured synthetic share of the batches {share.mean():.0%}." if len(share) else "."),
+        f"Standard augmentation in every arm, real-only included: {aug_text}.",
+        "Dice is a fraction (0–1) averaged over LV, MYO and RV; differences are in Dice points (1 point = 0.01), "
+        "paired with real-only at the same number of real patients (per test patient, averaged over seeds; "
+        "the synthetic-only arm against real-only with all patients), with a bootstrap CI over test patients.",
+    ]
+    table = pd.DataFrame(
+        [
+            {
+                "iterations": cfg.iterations,
+                "batch_size": cfg.batch_size,
+                "image_size": cfg.image_size,
+                "roi": cfg.roi,
+                "seeds": json.dumps(seg_stage["seeds"]),
+                "n_real_patients": json.dumps(seg_stage["n_real_patients"]),
+                "synthetic_ratio": cfg.synthetic_ratio,
+                "mixing": cfg.mixing,
+                "synthetic_batch_share_expected": cfg.synthetic_share(),
+                "synthetic_batch_share_measured": float(share.mean()) if len(share) else float("nan"),
+                "augment": cfg.augment,
+                "augmentation": json.dumps(aug.model_dump(), sort_keys=True),
+            }
+        ]
+    )
+    return lines, table
+
+
 def write_augment_outputs(
     work: str,
     out: str,
@@ -158,23 +220,42 @@ def write_augment_outputs(
     fidelity_records: list[dict[str, Any]],
     segmentation_records: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """Aggregate metrics, draw figures, write the report and the dataset (atomically) and publish artifacts."""
-    from medsynth.evaluation.segmentation import per_seed_table, summarise
+    """Aggregate metrics, draw figures, write the report and the dataset (atomically) and publish artifacts.
+
+    The report has a paragraph per section written from the numbers (:mod:`medsynth.evaluation.report`),
+    the learning curve (``figures/learning_curve.png``) and the samples of every set side by side
+    (``figures/samples.png``)."""
+    from medsynth.evaluation import report as rp
+    from medsynth.evaluation.segmentation import per_seed_table, reach_statements, split_timings, summarise
 
     staging = Path(work) / "report"
     staging.mkdir(parents=True, exist_ok=True)
     tables: dict[str, str] = {}
+    figures: list[str] = []
     sections = _report_head("run", config, config_hash, manifest_record, slices_record, model_records)
     summary_for_artifact: pd.DataFrame | None = None
     if fidelity_records:
         fid = pd.concat([pd.read_csv(artefact(r)) for r in fidelity_records], ignore_index=True)
         fid.to_csv(staging / "fidelity.csv", index=False)
         tables["fidelity"] = str(staging / "fidelity.csv")
-        sections += ["", "## Fidelity (synthetic vs held-out real)", _markdown_table(fid)]
+        extractors = ", ".join(sorted(set(fid["extractor"].astype(str))))
+        explained = rp.FIDELITY_EXPLAINED
+        sections += [
+            "",
+            "## Fidelity (synthetic vs held-out real)",
+            "",
+            rp.fidelity_paragraph(fid),
+            "",
+            f"One column per synthetic set: value [95 % bootstrap CI]; features: {extractors}.",
+            "",
+            _markdown_table(rp.fidelity_side_by_side(fid)),
+            "",
+            "What the metrics mean:",
+            "",
+            *[f"- **{m}**: {rp.FIDELITY_EXPLAINED[m]}" for m in dict.fromkeys(fid["metric"]) if m in explained],
+        ]
     if segmentation_records:
         per_case = pd.concat([pd.read_csv(artefact(r)) for r in segmentation_records], ignore_index=True)
-        from medsynth.evaluation.segmentation import split_timings
-
         # wall-clock seconds go beside the run folder (work/timings.csv): the run folder stays byte-identical
         results, timings = split_timings(per_case)
         results.to_csv(staging / "segmentation_per_case.csv", index=False)
@@ -183,22 +264,61 @@ def write_augment_outputs(
         seg.to_csv(staging / "segmentation.csv", index=False)
         summary = summarise(per_case, seed=config["seed"])
         summary.to_csv(staging / "segmentation_summary.csv", index=False)
+        reach = reach_statements(summary)
+        pd.DataFrame(reach).to_csv(staging / "learning_curve_reach.csv", index=False)
+        seg_stage = config["evaluation"]["segmentation"]
+        protocol_lines, protocol = _protocol_lines(seg_stage, per_case, per_case["case"].nunique())
+        protocol.to_csv(staging / "segmentation_protocol.csv", index=False)
         tables.update(
             segmentation_per_case=str(staging / "segmentation_per_case.csv"),
             segmentation=str(staging / "segmentation.csv"),
             segmentation_summary=str(staging / "segmentation_summary.csv"),
+            learning_curve_reach=str(staging / "learning_curve_reach.csv"),
+            segmentation_protocol=str(staging / "segmentation_protocol.csv"),
         )
         summary_for_artifact = summary
-        sections += ["", "## Downstream segmentation (held-out real test patients)", _markdown_table(summary)]
+        units = per_case["hd95_unit"].dropna().unique()
+        unit = str(units[0]) if len(units) == 1 else "mm or px"
+        curve_png = rp.plot_learning_curve(summary, staging / "learning_curve.png")
+        figures.append(str(curve_png))
+        curve_tab, class_tab = rp.segmentation_tables(summary, unit)
+        sections += [
+            "",
+            "## Downstream segmentation (held-out real test patients)",
+            "",
+            *[line for p in protocol_lines for line in (p, "")],
+            rp.segmentation_paragraph(summary, unit),
+            "",
+            "### Learning curve",
+            "",
+            "![learning curve: mean Dice against real training patients](figures/learning_curve.png)",
+            "",
+            rp.reach_paragraph(reach),
+            "",
+            _markdown_table(curve_tab),
+            "",
+            f"### Per class (Dice as a fraction, HD95 in {unit})",
+            "",
+            _markdown_table(class_tab),
+        ]
     real = _reference_split(slices_record)
     synth_sets = [(r["name"], SliceSet.load(artefact(r))) for r in synth_records]
-    grid = _sample_grid(real, synth_sets, staging / "samples.png")
-    sections += ["", "## Samples", "![real vs synthetic](figures/samples.png)", ""]
+    grid = rp.plot_samples(real, synth_sets, staging / "samples.png")
+    figures.insert(0, str(grid))
+    sections += [
+        "",
+        "## Samples",
+        "",
+        "Top row: held-out real slices; below, one row per synthetic set, side by side; labels overlaid.",
+        "",
+        "![real vs synthetic](figures/samples.png)",
+        "",
+    ]
     report = "\n".join(sections) + "\n"
     result = write_run_outputs(
-        out, config["run_name"], config, config_hash, slices_record, synth_records, tables, report, [str(grid)]
+        out, config["run_name"], config, config_hash, slices_record, synth_records, tables, report, figures
     )
-    _publish_artifacts(config["run_name"], report, summary_for_artifact, grid)
+    _publish_artifacts(config["run_name"], report, summary_for_artifact, grid, [Path(f) for f in figures])
     return result
 
 
@@ -278,7 +398,9 @@ def write_translate_outputs(
     return result
 
 
-def _publish_artifacts(run_name: str, report: str, summary: pd.DataFrame | None, grid: Path | None = None) -> None:
+def _publish_artifacts(
+    run_name: str, report: str, summary: pd.DataFrame | None, grid: Path | None = None, figures: list[Path] = ()
+) -> None:
     """Prefect UI artifacts (the report as markdown with the sample grid inlined, the metric summary as a
     table); no-op outside a Prefect run."""
     try:
@@ -289,10 +411,11 @@ def _publish_artifacts(run_name: str, report: str, summary: pd.DataFrame | None,
     except Exception:  # not inside a Prefect run: nothing to publish
         return
     key = "".join(c if c.isalnum() else "-" for c in run_name.lower())
-    if grid is not None and grid.is_file():
-        # the UI cannot reach files on the worker: inline the figure
-        b64 = base64.b64encode(grid.read_bytes()).decode()
-        report = report.replace("(figures/samples.png)", f"(data:image/png;base64,{b64})")
+    for fig in {*figures, *([grid] if grid is not None else [])}:
+        if fig.is_file():
+            # the UI cannot reach files on the worker: inline the figure
+            b64 = base64.b64encode(fig.read_bytes()).decode()
+            report = report.replace(f"(figures/{fig.name})", f"(data:image/png;base64,{b64})")
     create_markdown_artifact(markdown=report, key=f"{key}-report", description="medsynth run report")
     if summary is not None:
         records = json.loads(summary.to_json(orient="records"))
