@@ -164,7 +164,7 @@ def test_missing_labels_is_the_same_error_in_every_conditional_family(tiny: Slic
 
 # ---- the run config: everything validated at load -----------------------------------------------------------
 def _run_yaml(tmp_path: Path, replace: tuple[str, str] | None = None, append: str = "") -> Path:
-    text = (ROOT / "configs" / "quickstart.yaml").read_text()
+    text = (ROOT / "configs" / "quickstart.yaml").read_text(encoding="utf-8")
     if replace:
         assert replace[0] in text
         text = text.replace(*replace)

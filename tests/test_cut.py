@@ -214,7 +214,7 @@ def test_translate_flow_on_paired_scanners_reports_paired_fidelity(prefect_harne
     assert paired[["before", "after"]].notna().all().all() and (paired["n_cases"] == 2).all()
     manifest, _ = load_manifest(run_dir / "manifest.csv")
     assert (manifest["vendor"].str.lower() == "phantom-b").all()
-    assert "true target" in (run_dir / "report.md").read_text()
+    assert "true target" in (run_dir / "report.md").read_text(encoding="utf-8")
     assert (run_dir / "figures" / "samples.png").is_file()
     with pytest.raises(ValueError, match="scanner"):
         RunConfig.model_validate({**cfg, "data": {"source": "phantom", "phantom": {"contrast": "cine+lge",

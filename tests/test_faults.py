@@ -148,7 +148,9 @@ def test_kill9_at_three_points_then_rerun_gives_identical_bytes(prefect_api, tmp
     assert any(k.startswith("dataset/") for k in reference)
     assert "timings.csv" not in " ".join(reference)  # wall-clock lives beside the run folder, not in it
     assert (tmp_path / "ref" / ".medsynth-work" / "tiny" / "timings.csv").is_file()
-    assert "stage prepare: built" in (tmp_path / "ref" / ".medsynth-work" / "tiny" / "run.log").read_text()
+    assert "stage prepare: built" in (tmp_path / "ref" / ".medsynth-work" / "tiny" / "run.log").read_text(
+        encoding="utf-8"
+    )
     modes = {v.split(":")[0] for v in reference.values()}
     assert len(modes) == 1, modes  # weights.safetensors gets the mode of every other file
     # kill -9 at three points in turn on one output; each rerun resumes from what the last one finished
@@ -189,7 +191,7 @@ def test_error_inside_a_flow_is_one_last_line_naming_the_file_and_the_log(tmp_pa
     line = _one_error_line(bad.stderr)
     log_path = tmp_path / "o" / ".medsynth-work" / "tiny" / "run.log"
     assert str(broken) in line and str(log_path) in line
-    assert "Traceback" in log_path.read_text()
+    assert "Traceback" in log_path.read_text(encoding="utf-8")
     assert not (tmp_path / "o" / "tiny").exists() and _leftovers(tmp_path / "o") == []
 
 
@@ -305,18 +307,21 @@ def test_atomic_dir_never_replaces_foreign_data(tmp_path: Path) -> None:
     (user / "precious.txt").write_text("mine")
     with pytest.raises(OutputError, match="did not write"), atomic_dir(user) as tmp:
         (tmp / "x").write_text("x")
-    assert (user / "precious.txt").read_text() == "mine"
+    assert (user / "precious.txt").read_text(encoding="utf-8") == "mine"
     afile = tmp_path / "afile"
     afile.write_text("mine")
     with pytest.raises(OutputError, match="not a folder"), atomic_dir(afile):
         pass
-    assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "user"]
+    assert afile.read_text(encoding="utf-8") == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "afile",
+        "user",
+    ]
     with atomic_dir(tmp_path / "ours") as tmp:
         (tmp / "a").write_text("1")
     assert (tmp_path / "ours" / MARKER).is_file()
     with atomic_dir(tmp_path / "ours") as tmp:  # its own output: replaced
         (tmp / "a").write_text("2")
-    assert (tmp_path / "ours" / "a").read_text() == "2"
+    assert (tmp_path / "ours" / "a").read_text(encoding="utf-8") == "2"
 
 
 def test_sigterm_leaves_no_temp_folder_and_no_lock(tmp_path: Path) -> None:
@@ -359,6 +364,6 @@ def test_unforeseen_exception_inside_a_flow_is_one_line_naming_the_log(
     line = _one_error_line(capsys.readouterr().err)
     log_path = tmp_path / "o" / ".medsynth-work" / "tiny" / "run.log"
     assert "RuntimeError: injected failure in merge-slices" in line and str(log_path) in line
-    text = log_path.read_text()
+    text = log_path.read_text(encoding="utf-8")
     assert "Traceback" in text and "injected failure" in text
     assert not (tmp_path / "o" / "tiny").exists()

@@ -118,7 +118,7 @@ def _model_copy(base: dict, tmp: Path, edit: Callable[[Path], None]) -> tuple[li
 
 
 def _unknown_family(model: Path) -> Path:
-    rec = json.loads((model / "model.json").read_text())
+    rec = json.loads((model / "model.json").read_text(encoding="utf-8"))
     rec["family"] = "nosuchfamily"
     (model / "model.json").write_text(json.dumps(rec))
     return model / "model.json"
@@ -374,11 +374,11 @@ def test_out_guard(cmd: str, base: dict, tmp_path: Path, capsys) -> None:
         precious = foreign / "r" / "keep.txt" if cmd == "run" else foreign / "keep.txt"
         precious.parent.mkdir(parents=True)
         precious.write_text("precious")
-    before = precious.read_text()
+    before = precious.read_text(encoding="utf-8")
     assert main([*args, "--out", str(foreign), "--overwrite"]) == 2
     err = _error_line(capsys.readouterr().err)
     assert "medsynth did not write" in err, err
-    assert precious.read_text() == before
+    assert precious.read_text(encoding="utf-8") == before
     # 2. inside the input data (a dataset folder medsynth did not write)
     if not single_file and cmd not in ("phantom", "run"):
         data = tmp_path / "userdata"
@@ -407,14 +407,18 @@ def test_out_guard(cmd: str, base: dict, tmp_path: Path, capsys) -> None:
     assert "--overwrite" in err, err
     assert _snapshot(ours.parent) == snapshot
     if cmd in RUN_FOR_REAL:
-        old_content = ours.read_text() if single_file else (ours / "old.txt").read_text()
+        old_content = (
+            ours.read_text(encoding="utf-8") if single_file else (ours / "old.txt").read_text(encoding="utf-8")
+        )
         rc = main([*args, "--out", str(ours), "--overwrite"])
         err = capsys.readouterr().err.strip()
         if rc == 0:
             assert ours.is_file() if single_file else (ours.is_dir() and not (ours / "old.txt").exists())
         else:  # the command itself fails (e.g. gmm cannot translate): the guard let it through, output kept
             assert rc == 2 and "overwrite" not in err and "medsynth did not write" not in err, err
-            assert (ours.read_text() if single_file else (ours / "old.txt").read_text()) == old_content
+            assert (
+                ours.read_text(encoding="utf-8") if single_file else (ours / "old.txt").read_text(encoding="utf-8")
+            ) == old_content
 
 
 # ------------------------------------------------------------------------------------ positive cases

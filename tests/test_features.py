@@ -53,7 +53,7 @@ def test_save_load_roundtrip_and_tamper_detection(tmp_path):
     x = _images()
     np.testing.assert_array_equal(back(x), ext(x))
     assert get_extractor(str(tmp_path / "ext")).hash == ext.hash
-    meta = json.loads((tmp_path / "ext" / "extractor.json").read_text())
+    meta = json.loads((tmp_path / "ext" / "extractor.json").read_text(encoding="utf-8"))
     meta["widths"] = [8, 16]
     meta["input_size"] = 64  # changes the description → hash no longer matches
     (tmp_path / "ext" / "extractor.json").write_text(json.dumps(meta))

@@ -65,7 +65,7 @@ def _task_states(flow_state) -> dict[str, list[str]]:
 
 
 def _check_dataset(run_dir: Path) -> None:
-    ds = json.loads((run_dir / "dataset" / "dataset.json").read_text())
+    ds = json.loads((run_dir / "dataset" / "dataset.json").read_text(encoding="utf-8"))
     for key in ("channel_names", "labels", "numTraining", "file_ending"):
         assert key in ds, key
     images = sorted((run_dir / "dataset" / "imagesTr").glob("*_0000.nii.gz"))
@@ -106,7 +106,7 @@ def test_augment_flow_writes_dataset_and_reruns_from_cache(prefect_harness, tmp_
     assert sorted(set(zip(seg["arm"], seg["n_real_patients"], strict=True))) == [
         ("real", 1), ("real", 2), ("real+gmm", 1), ("real+gmm", 2)
     ]  # fmt: skip
-    report = (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
     assert report.startswith("# medsynth run")
     assert "### Learning curve" in report and "figures/learning_curve.png" in report
     assert "–, reference" in report and "Dice points" in report and "HD95 (mm)" in report
@@ -115,7 +115,7 @@ def test_augment_flow_writes_dataset_and_reruns_from_cache(prefect_harness, tmp_
     assert (run_dir / "figures" / "learning_curve.png").stat().st_size > 0
     protocol = pd.read_csv(run_dir / "metrics" / "segmentation_protocol.csv")
     assert protocol["mixing"].iloc[0] == "pool" and protocol["synthetic_ratio"].iloc[0] == 1.0
-    assert json.loads((run_dir / "versions.json").read_text())["torch"].startswith("2.13")
+    assert json.loads((run_dir / "versions.json").read_text(encoding="utf-8"))["torch"].startswith("2.13")
 
     # a rerun reuses every expensive task from Prefect's cache
     again = run_flow(cfg, str(work), str(out), None, return_state=True)
@@ -188,7 +188,7 @@ def test_anomaly_flow_on_phantom_lge(prefect_harness, tmp_path: Path) -> None:
     assert {"ppca", "ppca[wall]", "nsd2", "nsd3", "nsd5", "fwhm"} <= set(metrics["method"])
     scores = pd.read_csv(run_dir / "metrics" / "ppca_slice_scores.csv")
     assert np.isfinite(scores["score"]).all() and len(scores) > 0
-    assert "AUROC" in (run_dir / "report.md").read_text()
+    assert "AUROC" in (run_dir / "report.md").read_text(encoding="utf-8")
 
 
 def test_augment_flow_on_acdc_layout(prefect_harness, acdc_root: Path, tmp_path: Path) -> None:
@@ -238,7 +238,7 @@ def test_augment_flow_adds_scar_cases_on_lge(prefect_harness, tmp_path: Path) ->
     manifest, root = load_manifest(run_dir / "manifest.csv")
     scar_rows = manifest[manifest["subject_id"].str.startswith("syn_gmm+scar_")]
     assert len(scar_rows) == 5 and (scar_rows["pathology"] == "infarct").all()
-    ds = json.loads((run_dir / "dataset" / "dataset.json").read_text())
+    ds = json.loads((run_dir / "dataset" / "dataset.json").read_text(encoding="utf-8"))
     for rel in scar_rows["label"]:
         lab = np.asarray(nib.load(root / rel).dataobj)
         assert (lab == ds["labels"]["scar"]).any()

@@ -238,7 +238,7 @@ def test_synthetic_slice_takes_the_geometry_of_its_label_slice(tmp_path: Path) -
     # the manifest tells the true spacing (the bug: 1x1x1 everywhere)
     for _, row in df.iterrows():
         assert sorted(float(s) for s in row["spacing"].split("x")) == pytest.approx([1.5, 1.5, SPACING[2]])
-    ds = json.loads((run / "dataset" / "dataset.json").read_text())
+    ds = json.loads((run / "dataset" / "dataset.json").read_text(encoding="utf-8"))
     assert ds["medsynth"]["configurations"] == ["2d"] and "2-D only" in ds["description"]
 
 
@@ -312,7 +312,7 @@ def test_acdc_real_cases_sit_on_their_source_scan(acdc_root: Path, tmp_path: Pat
     slices.meta["split"] = "train"
     run = _run_outputs(tmp_path, slices, None)
     out, root = load_manifest(run / "manifest.csv")
-    codes = json.loads((run / "dataset" / "dataset.json").read_text())["labels"]
+    codes = json.loads((run / "dataset" / "dataset.json").read_text(encoding="utf-8"))["labels"]
     lv_code = codes["lv"]
     sources = dict(zip(df["image"], df["label"], strict=True))
     assert len(out) == len(df) == 60

@@ -83,7 +83,7 @@ def test_save_load_sample_identical(fitted: GMMModel, tiny: SliceSet, tmp_path: 
     np.testing.assert_array_equal(
         loaded.sample(3, tiny.labels[:3], seed=5).images, fitted.sample(3, tiny.labels[:3], seed=5).images
     )
-    record = json.loads((tmp_path / "m" / "model.json").read_text())
+    record = json.loads((tmp_path / "m" / "model.json").read_text(encoding="utf-8"))
     assert record["family"] == "gmm"
 
 
@@ -153,7 +153,9 @@ def _phantom(tmp: Path, subjects: int, seed: int):
     from medsynth.phantom import generate
 
     manifest = generate.generate_dataset(tmp, subjects=subjects, contrast="lge", seed=seed, shape=(64, 64, 4))
-    return load_slices(manifest, cfg=PreprocessConfig(size=64)), json.loads((tmp / "phantom_params.json").read_text())
+    return load_slices(manifest, cfg=PreprocessConfig(size=64)), json.loads(
+        (tmp / "phantom_params.json").read_text(encoding="utf-8")
+    )
 
 
 def test_phantom_lge_recovers_known_intensities(tmp_path: Path) -> None:

@@ -159,7 +159,9 @@ def test_rerun_replaces_output_atomically(nifti_manifest, tmp_path):
 def test_acdc_summary_ed_greater_than_es(acdc_root, tmp_path):
     rows = []
     for pdir in sorted(acdc_root.glob("patient*")):
-        info = dict(line.split(":", 1) for line in (pdir / "Info.cfg").read_text().splitlines() if ":" in line)
+        info = dict(
+            line.split(":", 1) for line in (pdir / "Info.cfg").read_text(encoding="utf-8").splitlines() if ":" in line
+        )
         for key in ("ED", "ES"):
             img = f"{pdir.name}/{pdir.name}_frame{int(info[key]):02d}.nii.gz"
             rows.append(row(pdir.name, img, img.replace(".nii.gz", "_gt.nii.gz"), "acdc", phase=key, dataset="acdc"))

@@ -238,7 +238,7 @@ def test_manifest_cli_roundtrip(tmp_path):
     out = tmp_path / "manifests" / "acdc.csv"
     rc = main(["manifest", "--layout", "acdc", "--root", str(root), "--out", str(out), "--split", "--seed", "3"])
     assert rc == 0
-    assert out.read_text().startswith("#medsynth-manifest data_root=../data/acdc")
+    assert out.read_text(encoding="utf-8").startswith("#medsynth-manifest data_root=../data/acdc")
     df, data_root = load_manifest(out)  # resolves the root from the header and checks every file
     assert data_root == root.resolve() and len(df) == 6
     assert set(df["split"]) <= {"train", "val", "test"} and (df["split"] != "").all()

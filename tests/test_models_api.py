@@ -35,7 +35,7 @@ def model_dir(phantom: Path, tmp_path_factory) -> Path:
 
 
 def test_fit_family_writes_model_and_report(model_dir: Path) -> None:
-    report = json.loads((model_dir / "fit_report.json").read_text())
+    report = json.loads((model_dir / "fit_report.json").read_text(encoding="utf-8"))
     assert report["family"] == "gmm" and report["preprocess"]["size"] == 64
     assert report["model_hash"] == load_model(model_dir).model_hash
     assert "scar_model" in report["report"]

@@ -90,8 +90,8 @@ def test_nnunet_integrity_check_and_2d_plan_use_the_true_spacing(tmp_path: Path)
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    plans = json.loads((pre / DATASET / "nnUNetPlans.json").read_text())
-    fingerprint = json.loads((pre / DATASET / "dataset_fingerprint.json").read_text())
+    plans = json.loads((pre / DATASET / "nnUNetPlans.json").read_text(encoding="utf-8"))
+    fingerprint = json.loads((pre / DATASET / "dataset_fingerprint.json").read_text(encoding="utf-8"))
     # nnU-Net orders axes (z, y, x) after its transpose; the 2-D configuration plans the two in-plane axes
     assert plans["configurations"]["2d"]["spacing"] == pytest.approx([TARGET_MM, TARGET_MM], abs=1e-4)
     # every case (real stacks, synthetic slices) has the source slice spacing through-plane

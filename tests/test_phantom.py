@@ -90,7 +90,7 @@ def test_files_geometry_and_canonical_labels(lge_dir: Path) -> None:
 def test_lv_volume_ed_greater_than_es_and_wall_thickens(lge_dir: Path, cine_dir: Path) -> None:
     for root in (lge_dir, cine_dir):
         df, _ = load_manifest(root / "manifest.csv")
-        params = json.loads((root / "phantom_params.json").read_text())["subjects"]
+        params = json.loads((root / "phantom_params.json").read_text(encoding="utf-8"))["subjects"]
         for sid, rows in df.groupby("subject_id"):
             vol = {r["phase"]: (_load(root, r["label"]) == LV).sum() for _, r in rows.iterrows()}
             assert vol["ED"] > 1.25 * vol["ES"], sid
@@ -146,7 +146,7 @@ def test_cine_contrast_and_no_scar_labels(cine_dir: Path) -> None:
 
 
 def test_params_ground_truth(lge_dir: Path) -> None:
-    meta = json.loads((lge_dir / "phantom_params.json").read_text())
+    meta = json.loads((lge_dir / "phantom_params.json").read_text(encoding="utf-8"))
     df, _ = load_manifest(lge_dir / "manifest.csv")
     assert meta["seed"] == 5 and meta["contrast"] == "lge" and set(meta["subjects"]) == set(df["subject_id"])
     for sid, p in meta["subjects"].items():
@@ -288,10 +288,10 @@ def test_pathology_is_true_per_subject(tmp_path: Path) -> None:
     so two default cine subjects are not both marked infarct."""
     m = generate_dataset(tmp_path / "cine", subjects=2, contrast="cine", seed=0, **SMALL)
     df, _ = load_manifest(m)
-    params = json.loads((tmp_path / "cine" / "phantom_params.json").read_text())["subjects"]
+    params = json.loads((tmp_path / "cine" / "phantom_params.json").read_text(encoding="utf-8"))["subjects"]
     assert (df.groupby("subject_id")["pathology"].first() == "normal").all()
     for root, n in ((generate_dataset(tmp_path / "lge", subjects=6, contrast="lge", seed=1, **SMALL).parent, 6),):
-        params = json.loads((root / "phantom_params.json").read_text())["subjects"]
+        params = json.loads((root / "phantom_params.json").read_text(encoding="utf-8"))["subjects"]
         assert len(params) == n
         for p in params.values():
             has_scar = p["phases"]["ED"]["scar_volume_ml"] > 0

@@ -358,7 +358,9 @@ def test_phantom_dataset_preprocesses(tmp_path):
 def acdc_manifest(acdc_root: Path, out: Path) -> Path:
     rows = []
     for pdir in sorted(acdc_root.glob("patient*")):
-        info = dict(line.split(":", 1) for line in (pdir / "Info.cfg").read_text().splitlines() if ":" in line)
+        info = dict(
+            line.split(":", 1) for line in (pdir / "Info.cfg").read_text(encoding="utf-8").splitlines() if ":" in line
+        )
         for key in ("ED", "ES"):
             img = f"{pdir.name}/{pdir.name}_frame{int(info[key]):02d}.nii.gz"
             row = manifest_row(pdir.name, img, img.replace(".nii.gz", "_gt.nii.gz"), "acdc")

@@ -208,7 +208,9 @@ def test_unsupported_and_missing(tmp_path):
 
 
 def _acdc_frames(patient: Path) -> dict[str, int]:
-    cfg = dict(line.split(":", 1) for line in (patient / "Info.cfg").read_text().splitlines() if ":" in line)
+    cfg = dict(
+        line.split(":", 1) for line in (patient / "Info.cfg").read_text(encoding="utf-8").splitlines() if ":" in line
+    )
     return {"ED": int(cfg["ED"]), "ES": int(cfg["ES"])}
 
 

@@ -262,7 +262,7 @@ def test_curves_written_beside_a_saved_model_deterministically(slices, tmp_path)
         m = create_model("ae", {**AE, "steps": 7})
         m.fit(slices, seed=0)
         paths.append(m.save(tmp_path / name))
-    csv = (paths[0] / CURVES_CSV).read_text().splitlines()
+    csv = (paths[0] / CURVES_CSV).read_text(encoding="utf-8").splitlines()
     assert csv[0] == "step,loss,recon_nll,kl,beta" and len(csv) == 8
     assert [int(r.split(",")[0]) for r in csv[1:]] == list(range(1, 8))
     assert float(csv[1].split(",")[1]) == m.history["loss"][0]
@@ -278,7 +278,7 @@ def test_curves_written_beside_a_saved_model_deterministically(slices, tmp_path)
 def test_curves_csv_values_round_trip_and_gaps(tmp_path):
     hist = {"discriminator": [0.5, math.nan, 0.25], "generator": [1 / 3, 2.0, 1e-30]}
     write_curves(hist, tmp_path, title="toy")
-    rows = (tmp_path / CURVES_CSV).read_text().splitlines()
+    rows = (tmp_path / CURVES_CSV).read_text(encoding="utf-8").splitlines()
     assert rows[0] == "step,discriminator,generator"
     assert rows[2].split(",")[1] == ""  # the step did not run
     assert float(rows[1].split(",")[2]) == 1 / 3 and float(rows[3].split(",")[2]) == 1e-30
@@ -398,7 +398,7 @@ def test_model_saved_with_an_unavailable_device_loads_on_cpu(slices, tmp_path):
     m = create_model("ae", {**AE, "steps": 2, "device": "cpu"})
     m.fit(slices, seed=0)
     m.save(tmp_path / "m")
-    record = json.loads((tmp_path / "m" / "model.json").read_text())
+    record = json.loads((tmp_path / "m" / "model.json").read_text(encoding="utf-8"))
     record["config"]["device"] = "cuda"  # as written by a fit on a GPU machine
     (tmp_path / "m" / "model.json").write_text(json.dumps(record))
     back = GenerativeModel.load(tmp_path / "m")

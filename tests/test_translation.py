@@ -208,4 +208,4 @@ def test_cli_fit_translate_and_evaluate(two_domains, tmp_path):
     assert main([*args, "--config", str(ev_cfg)]) == 0
     metrics = pd.read_csv(ev / "translation_metrics.csv")
     assert {"fd_random_cnn", "target_unet_dice"} == set(metrics["metric"])
-    assert "cine->lge" in (ev / "report.md").read_text()
+    assert "cine->lge" in (ev / "report.md").read_text(encoding="utf-8")

@@ -90,7 +90,7 @@ def test_nnunet_export(tmp_path: Path) -> None:
         assert key in ds
     assert ds["numTraining"] == 2
     assert sorted(ds["labels"].values()) == list(range(len(ds["labels"])))
-    on_disk = json.loads((tmp_path / "dataset.json").read_text())
+    on_disk = json.loads((tmp_path / "dataset.json").read_text(encoding="utf-8"))
     assert on_disk == ds
     for c in cases:
         img = nib.load(tmp_path / "imagesTr" / f"{c.case_id}_0000.nii.gz")
@@ -98,7 +98,7 @@ def test_nnunet_export(tmp_path: Path) -> None:
         assert img.shape == seg.shape == c.image.shape
         assert np.allclose(img.affine, seg.affine)
         assert set(np.unique(np.asarray(seg.dataobj))) <= set(ds["labels"].values())
-    datalist = json.loads((tmp_path / "datalist.json").read_text())
+    datalist = json.loads((tmp_path / "datalist.json").read_text(encoding="utf-8"))
     assert len(datalist["training"]) == 2
 
 
@@ -109,13 +109,13 @@ def test_run_config_rejects_unknown_keys(tmp_path: Path) -> None:
     cfg = load_run_config(good)
     assert cfg.data.source == "phantom"
     bad = tmp_path / "bad.yaml"
-    bad.write_text(good.read_text().replace("synthesis:\n  n:", "synthesis:\n  nn: 3\n  n:"))
+    bad.write_text(good.read_text(encoding="utf-8").replace("synthesis:\n  n:", "synthesis:\n  nn: 3\n  n:"))
     with pytest.raises(ConfigError, match=r"synthesis\.nn.*allowed keys: context, labels, n"):
         load_run_config(bad)
-    bad.write_text(good.read_text().replace("family: gmm", "family: gmm\n    params: {no_such_key: 1}"))
+    bad.write_text(good.read_text(encoding="utf-8").replace("family: gmm", "family: gmm\n    params: {no_such_key: 1}"))
     with pytest.raises(ConfigError, match="no_such_key"):
         load_run_config(bad)
-    bad.write_text(good.read_text().replace("family: gmm", "family: nosuchfamily"))
+    bad.write_text(good.read_text(encoding="utf-8").replace("family: gmm", "family: nosuchfamily"))
     with pytest.raises(ConfigError, match="nosuchfamily"):
         load_run_config(bad)
 

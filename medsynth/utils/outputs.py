@@ -174,7 +174,7 @@ class OutputLock:
 
     def _holder(self) -> str:
         try:
-            return self.path.read_text().strip()
+            return self.path.read_text(encoding="utf-8").strip()
         except OSError:
             return ""
 
