@@ -49,12 +49,11 @@ from medsynth.data.slices import SliceSet
 from medsynth.errors import MedsynthError
 from medsynth.models.base import TranslationDomains, Translator
 from medsynth.models.latent.common import check_slices, maps_to_size, to_size
-from medsynth.models.torch_family import TorchConfig, TorchFamily
-from medsynth.models.translation.cyclegan import _domain_values
+from medsynth.models.torch_family import TorchFamily
+from medsynth.models.translation.cyclegan import UnpairedTranslationConfig, _domain_values
 from medsynth.models.translation.networks import ResnetGenerator
 from medsynth.models.translation.patchnce import PatchProjection, patch_nce_loss
 from medsynth.models.translation.segconsistency import (
-    SegConsistencyKeys,
     pack_labels,
     seg_consistency_loss,
     train_source_unet,
@@ -64,21 +63,11 @@ from medsynth.utils.seeding import exclusive_global_rng
 log = logging.getLogger(__name__)
 
 
-class CUTConfig(SegConsistencyKeys, TorchConfig):
-    """CUT keys plus the shared torch keys (here steps 2000, batch_size 4, lr 2e-4)."""
+class CUTConfig(UnpairedTranslationConfig):
+    """CUT keys plus the shared translation keys (here steps 2000, batch_size 4, lr 2e-4, which also trains
+    the projection heads)."""
 
-    domain_key: str = Field("modality", description="slice metadata column whose values name the domains")
-    source: str = Field("cine", description="domain translated from")
-    target: str = Field("lge", description="domain translated to")
-    image_size: int = Field(64, ge=8, description="working size (square); divisible by 2^(len(channels)-1)")
-    channels: tuple[int, ...] = Field((16, 32, 64), min_length=1)
-    n_res_blocks: int = Field(4, ge=0)
-    disc_channels: int = Field(16, ge=1, description="width of the first PatchGAN layer")
-    disc_layers: int = Field(3, ge=1)
-    steps: int = Field(2000, ge=0)
     batch_size: int = Field(4, ge=1)
-    lr: float = Field(2e-4, gt=0, description="generator (and projection head) learning rate")
-    disc_lr: float | None = Field(None, gt=0, description="discriminator learning rate (TTUR); null = lr")
     lambda_gan: float = Field(1.0, ge=0)
     lambda_nce: float = Field(1.0, ge=0)
     nce_identity: bool = Field(True, description="identity PatchNCE on target-domain images (CUT)")
@@ -91,14 +80,7 @@ class CUTConfig(SegConsistencyKeys, TorchConfig):
     nce_dim: int = Field(256, ge=1, description="projection head width (both layers)")
 
     @model_validator(mode="after")
-    def _check(self) -> CUTConfig:
-        factor = 2 ** (len(self.channels) - 1)
-        if self.image_size % factor:
-            raise KeyProblem(
-                "image_size", f"image_size: {self.image_size} is not divisible by 2^(len(channels)-1)={factor}"
-            )
-        if self.source.strip().lower() == self.target.strip().lower():
-            raise KeyProblem("target", f"source/target: the two domains must differ (both {self.source!r})")
+    def _check_nce_layers(self) -> CUTConfig:
         if self.nce_layers is not None:
             top = len(self.channels) + self.n_res_blocks
             bad = [k for k in self.nce_layers if not 0 <= k <= top]

@@ -56,8 +56,9 @@ from medsynth.utils.seeding import exclusive_global_rng
 log = logging.getLogger(__name__)
 
 
-class CycleGANConfig(SegConsistencyKeys, TorchConfig):
-    """CycleGAN keys plus the shared torch keys (here steps 2000, batch_size 8, lr 2e-4)."""
+class UnpairedTranslationConfig(SegConsistencyKeys, TorchConfig):
+    """Keys every unpaired translation family (cyclegan, cut, fastcut) shares: the two domains, the ResNet
+    generator and PatchGAN discriminator shapes, the TTUR learning rates and the segmentation-consistency keys."""
 
     domain_key: str = Field("modality", description="slice metadata column whose values name the domains")
     source: str = Field("cine", description="domain translated from (forward direction)")
@@ -68,14 +69,11 @@ class CycleGANConfig(SegConsistencyKeys, TorchConfig):
     disc_channels: int = Field(16, ge=1, description="width of the first PatchGAN layer")
     disc_layers: int = Field(3, ge=1)
     steps: int = Field(2000, ge=0)
-    batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-4, gt=0, description="generator learning rate")
     disc_lr: float | None = Field(None, gt=0, description="discriminator learning rate (TTUR); null = lr")
-    lambda_cycle: float = Field(10.0, ge=0)
-    lambda_identity: float = Field(0.5, ge=0, description="identity loss weight, relative to lambda_cycle")
 
     @model_validator(mode="after")
-    def _check(self) -> CycleGANConfig:
+    def _check_shape_and_domains(self) -> UnpairedTranslationConfig:
         factor = 2 ** (len(self.channels) - 1)
         if self.image_size % factor:
             raise KeyProblem(
@@ -84,6 +82,14 @@ class CycleGANConfig(SegConsistencyKeys, TorchConfig):
         if self.source.strip().lower() == self.target.strip().lower():
             raise KeyProblem("target", f"source/target: the two domains must differ (both {self.source!r})")
         return self
+
+
+class CycleGANConfig(UnpairedTranslationConfig):
+    """CycleGAN keys plus the shared ones (here steps 2000, batch_size 8, lr 2e-4)."""
+
+    batch_size: int = Field(8, ge=1)
+    lambda_cycle: float = Field(10.0, ge=0)
+    lambda_identity: float = Field(0.5, ge=0, description="identity loss weight, relative to lambda_cycle")
 
 
 def _domain_values(slices: SliceSet, key: str) -> np.ndarray:
