@@ -92,6 +92,12 @@ def run_evaluate_scar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_and_root(parser, seed_help: str = "seed (default 0)", root_help: str = "data root of the manifest") -> None:
+    """The ``--seed`` and ``--data-root`` options every model command takes."""
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--data-root", dest="data_root", default=None, help=root_help)
+
+
 def register(commands, evaluate) -> None:
     from medsynth.models.registry import available_families
 
@@ -104,8 +110,7 @@ def register(commands, evaluate) -> None:
     f.add_argument("--manifest", required=True, help="manifest CSV")
     f.add_argument("--out", required=True, help="model directory to write")
     f.add_argument("--config", default=None, help="YAML with the family's config keys (+ optional 'preprocess')")
-    f.add_argument("--seed", type=int, default=0, help="fit seed (default 0)")
-    f.add_argument("--data-root", dest="data_root", default=None, help="data root of the manifest")
+    _seed_and_root(f, seed_help="fit seed (default 0)")
     f.set_defaults(func=run_fit)
 
     s = commands.add_parser(
@@ -117,8 +122,7 @@ def register(commands, evaluate) -> None:
     s.add_argument("--labels", default=None, help="manifest whose label maps condition the samples")
     s.add_argument("--n", type=int, required=True, help="number of slices")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    s.add_argument("--data-root", dest="data_root", default=None, help="data root of the labels manifest")
+    _seed_and_root(s, seed_help="sampling seed (default 0)", root_help="data root of the labels manifest")
     s.set_defaults(func=run_sample)
 
     c = commands.add_parser(
@@ -129,8 +133,7 @@ def register(commands, evaluate) -> None:
     c.add_argument("--model", required=True, help="fitted model directory that can insert scar (e.g. gmm)")
     c.add_argument("--manifest", required=True, help="manifest of LGE image-label pairs")
     c.add_argument("--out", required=True, help="output directory")
-    c.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    c.add_argument("--data-root", dest="data_root", default=None, help="data root of the manifest")
+    _seed_and_root(c)
     c.set_defaults(func=run_scar)
 
     t = commands.add_parser(
@@ -143,8 +146,7 @@ def register(commands, evaluate) -> None:
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--direction", choices=["forward", "backward"], default="forward", help="source->target or back")
     t.add_argument("--split", default=None, help="translate only this split's rows (e.g. test)")
-    t.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    t.add_argument("--data-root", dest="data_root", default=None, help="data root of the manifest")
+    _seed_and_root(t)
     t.set_defaults(func=run_translate)
 
     e = evaluate.add_parser(
@@ -172,6 +174,5 @@ def register(commands, evaluate) -> None:
     v.add_argument("--manifest", required=True, help="manifest with both domains and a train/test split")
     v.add_argument("--out", required=True, help="output directory (replaced atomically)")
     v.add_argument("--config", default=None, help="YAML with TranslationEvalConfig keys")
-    v.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    v.add_argument("--data-root", dest="data_root", default=None, help="data root of the manifest")
+    _seed_and_root(v)
     v.set_defaults(func=run_evaluate_translation)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,12 +143,7 @@ def scar_dataset(
 ) -> Path:
     """Scar / scar-free pairs (:func:`medsynth.workflows.ops.scar_pairs`) of the LGE slices of ``manifest``
     with a model that can insert scar; NIfTI pairs + manifest (``pair_id``, ``variant``). Returns the manifest."""
-    model, cfg, slices = _apply(model_dir, "scar", manifest, data_root)
-    try:
-        pairs = ops.scar_pairs(model, slices, seed)
-    except ManifestError as err:
-        raise ManifestError(f"{manifest}: {err}") from None
-    return ops.write_slice_dataset(out_dir, pairs, True, _spacing(cfg))
+    return _write_applied(model_dir, "scar", manifest, data_root, out_dir, lambda m, sl: ops.scar_pairs(m, sl, seed))
 
 
 def translate_dataset(
@@ -162,14 +158,34 @@ def translate_dataset(
     """Translate the from-domain slices of ``manifest`` (only the ``split`` rows when given) with a model
     that can ``translate``; write translated images with their original label maps (NIfTI pairs) and a
     manifest whose domain column names the to-domain, with provenance. Returns the manifest path."""
-    model, cfg, slices = _apply(model_dir, "translate", manifest, data_root)
-    if split is not None:
-        slices = slices.subset((slices.meta["split"].astype(str) == split).to_numpy())
+
+    def translate(model: GenerativeModel, slices: SliceSet) -> SliceSet:
+        if split is not None:
+            slices = slices.subset((slices.meta["split"].astype(str) == split).to_numpy())
+        return ops.translate(model, slices, direction, seed)[0]
+
+    where = f" in split {split!r}" if split else ""
+    return _write_applied(model_dir, "translate", manifest, data_root, out_dir, translate, where)
+
+
+def _write_applied(
+    model_dir: str | Path,
+    capability: str,
+    manifest: str | Path,
+    data_root: str | Path | None,
+    out_dir: str | Path,
+    apply: Callable[[GenerativeModel, SliceSet], SliceSet],
+    where: str = "",
+) -> Path:
+    """Apply ``apply(model, slices) -> SliceSet`` (an operation needing ``capability``) to the slices of
+    ``manifest``; a :class:`ManifestError` from the operation is re-raised naming the manifest (and
+    ``where``). Writes the labelled result as NIfTI pairs + manifest and returns the manifest path."""
+    model, cfg, slices = _apply(model_dir, capability, manifest, data_root)
     try:
-        translated, _ = ops.translate(model, slices, direction, seed)
+        result = apply(model, slices)
     except ManifestError as err:
-        raise ManifestError(f"{manifest}: {err}{f' in split {split!r}' if split else ''}") from None
-    return ops.write_slice_dataset(out_dir, translated, True, _spacing(cfg))
+        raise ManifestError(f"{manifest}: {err}{where}") from None
+    return ops.write_slice_dataset(out_dir, result, True, _spacing(cfg))
 
 
 def detect(
