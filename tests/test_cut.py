@@ -87,6 +87,24 @@ def test_fastcut_defaults_follow_the_paper_and_bad_keys_name_themselves():
         create_model("fastcut", {**TINY, "lambda_seg": -1})
 
 
+@pytest.mark.parametrize("family", ["cyclegan", "cut", "fastcut"])
+def test_untrained_residual_generator_is_exactly_the_identity(toy, family):
+    """Default generator: input + a zero-initialised correction, so before any step every family returns its
+    input bit for bit (working size = input size: no resampling); the plain generator does not."""
+    a, _ = _domains(toy)
+    params = {k: v for k, v in TINY.items() if family != "cyclegan" or k not in ("num_patches", "nce_dim")}
+    params = {**params, "image_size": a.images.shape[-1], "steps": 0}
+    model = create_model(family, params)
+    assert model.config.residual is True
+    model.fit(toy, seed=0)
+    assert np.array_equal(model.translate(a.images[:3]), a.images[:3])
+    plain = create_model(family, {**params, "residual": False})
+    plain.fit(toy, seed=0)
+    assert not np.allclose(plain.translate(a.images[:3]), a.images[:3], atol=1e-2)
+    with pytest.raises(ConfigError, match="residual"):
+        create_model(family, {**params, "residual": "sometimes"})
+
+
 # ---- fitting, translating, state ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fitted_cut(toy) -> GenerativeModel:
