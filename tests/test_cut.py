@@ -237,3 +237,18 @@ def test_translate_flow_on_paired_scanners_reports_paired_fidelity(prefect_harne
     with pytest.raises(ValueError, match="scanner"):
         RunConfig.model_validate({**cfg, "data": {"source": "phantom", "phantom": {"contrast": "cine+lge",
                                                                                      "scanner": "A+B"}}})
+
+
+def test_target_unet_is_trained_once_per_run_and_reused_for_the_same_data_and_config(toy):
+    from medsynth.evaluation.segmentation import SegmentationConfig
+    from medsynth.evaluation.translation import _target_unet
+
+    _, b = _domains(toy)
+    cfg = SegmentationConfig(image_size=32, iterations=2, progress=False)
+    first, _ = _target_unet(b, cfg, seed=0)
+    again, _ = _target_unet(b, cfg, seed=0)
+    assert again is first
+    other, _ = _target_unet(b, cfg, seed=1)  # another seed (or data, or config) trains its own
+    assert other is not first
+    shifted, _ = _target_unet(SliceSet(b.images + 0.1, b.labels, b.meta), cfg, seed=0)
+    assert shifted is not first
