@@ -87,6 +87,24 @@ def test_fastcut_defaults_follow_the_paper_and_bad_keys_name_themselves():
         create_model("fastcut", {**TINY, "lambda_seg": -1})
 
 
+@pytest.mark.parametrize("family", ["cyclegan", "cut", "fastcut"])
+def test_untrained_residual_generator_is_exactly_the_identity(toy, family):
+    """Default generator: input + a zero-initialised correction, so before any step every family returns its
+    input bit for bit (working size = input size: no resampling); the plain generator does not."""
+    a, _ = _domains(toy)
+    params = {k: v for k, v in TINY.items() if family != "cyclegan" or k not in ("num_patches", "nce_dim")}
+    params = {**params, "image_size": a.images.shape[-1], "steps": 0}
+    model = create_model(family, params)
+    assert model.config.residual is True
+    model.fit(toy, seed=0)
+    assert np.array_equal(model.translate(a.images[:3]), a.images[:3])
+    plain = create_model(family, {**params, "residual": False})
+    plain.fit(toy, seed=0)
+    assert not np.allclose(plain.translate(a.images[:3]), a.images[:3], atol=1e-2)
+    with pytest.raises(ConfigError, match="residual"):
+        create_model(family, {**params, "residual": "sometimes"})
+
+
 # ---- fitting, translating, state ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fitted_cut(toy) -> GenerativeModel:
@@ -219,3 +237,18 @@ def test_translate_flow_on_paired_scanners_reports_paired_fidelity(prefect_harne
     with pytest.raises(ValueError, match="scanner"):
         RunConfig.model_validate({**cfg, "data": {"source": "phantom", "phantom": {"contrast": "cine+lge",
                                                                                      "scanner": "A+B"}}})
+
+
+def test_target_unet_is_trained_once_per_run_and_reused_for_the_same_data_and_config(toy):
+    from medsynth.evaluation.segmentation import SegmentationConfig
+    from medsynth.evaluation.translation import _target_unet
+
+    _, b = _domains(toy)
+    cfg = SegmentationConfig(image_size=32, iterations=2, progress=False)
+    first, _ = _target_unet(b, cfg, seed=0)
+    again, _ = _target_unet(b, cfg, seed=0)
+    assert again is first
+    other, _ = _target_unet(b, cfg, seed=1)  # another seed (or data, or config) trains its own
+    assert other is not first
+    shifted, _ = _target_unet(SliceSet(b.images + 0.1, b.labels, b.meta), cfg, seed=0)
+    assert shifted is not first

@@ -20,6 +20,8 @@ Arrays stay in :class:`~medsynth.data.slices.SliceSet` (images (N, 1, H, W), lab
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from typing import Any, Literal
 
 import numpy as np
@@ -34,6 +36,7 @@ from medsynth.evaluation.fidelity import bootstrap_fd, frechet_distance, percent
 from medsynth.evaluation.segmentation import SegmentationConfig, evaluate_cases, train_unet
 from medsynth.labels import CANONICAL, N_CLASSES
 from medsynth.models.base import GenerativeModel, require
+from medsynth.utils.hashing import sha256_arrays, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ def evaluate_translation(
     in_both = [c for c in range(1, N_CLASSES) if (source.labels == c).any() and (target_train.labels == c).any()]
     if not in_both:
         raise MedsynthError(f"labels: no foreground class is labelled in both domains ({src!r}, {dst!r})")
-    unet, info = train_unet(target_train, seg_cfg, seed)
+    unet, info = _target_unet(target_train, seg_cfg, seed)
     log.info("target-domain U-Net: %d slices, %.0f s", len(target_train), info["train_seconds"])
     per_case = {
         name: evaluate_cases(unet, s, seg_cfg, in_both).assign(stage=name)
@@ -115,6 +118,37 @@ def evaluate_translation(
     table = pd.DataFrame(rows)
     table.insert(0, "direction", f"{src}->{dst}")
     return table, translated
+
+
+#: target-domain U-Nets already trained in this process, by (data, config, seed): a run that compares several
+#: translation models scores them all against the same target domain, and training is deterministic, so the
+#: 2nd..nth model reuse the first one's U-Net instead of training identical copies (on a 2-core machine that is
+#: most of the evaluation's time). Bounded: only the latest few are kept.
+_UNETS: OrderedDict[str, tuple[Any, dict]] = OrderedDict()
+_UNETS_LOCK = threading.Lock()
+_UNETS_MAX = 2
+
+
+def _target_unet(target_train: SliceSet, cfg: SegmentationConfig, seed: int) -> tuple[Any, dict]:
+    """:func:`train_unet` on ``target_train``, memoised per process (concurrent callers with the same key wait
+    for one training)."""
+    key = sha256_json(
+        {
+            "data": sha256_arrays({"images": target_train.images, "labels": target_train.labels}),
+            "cfg": cfg.model_dump(mode="json"),
+            "seed": seed,
+        }
+    )
+    with _UNETS_LOCK:  # held while training: the callers that share a key would otherwise train it in parallel
+        if key in _UNETS:
+            _UNETS.move_to_end(key)
+            log.info("target-domain U-Net: reusing the one trained for an earlier model of this run")
+            return _UNETS[key]
+        unet, info = train_unet(target_train, cfg, seed)
+        _UNETS[key] = (unet, info)
+        while len(_UNETS) > _UNETS_MAX:
+            _UNETS.popitem(last=False)
+        return unet, info
 
 
 # ---- paired fidelity ------------------------------------------------------------------------------------

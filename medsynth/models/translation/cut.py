@@ -51,7 +51,6 @@ from medsynth.models.base import TranslationDomains, Translator
 from medsynth.models.latent.common import check_slices, maps_to_size, to_size
 from medsynth.models.torch_family import TorchFamily
 from medsynth.models.translation.cyclegan import UnpairedTranslationConfig, _domain_values
-from medsynth.models.translation.networks import ResnetGenerator
 from medsynth.models.translation.patchnce import PatchProjection, patch_nce_loss
 from medsynth.models.translation.segconsistency import (
     pack_labels,
@@ -126,7 +125,7 @@ class CUTModel(TorchFamily, Translator):
 
     def build_modules(self) -> dict[str, nn.Module]:
         cfg = self.config
-        g = ResnetGenerator(tuple(cfg.channels), cfg.n_res_blocks)  # built first: weight init order g, h, d
+        g = cfg.generator()  # built first: weight init order g, h, d
         h = PatchProjection(g.feature_channels(cfg.layers()), cfg.nce_dim)
         return {"g": g, "h": h}
 

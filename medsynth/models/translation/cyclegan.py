@@ -71,6 +71,9 @@ class UnpairedTranslationConfig(SegConsistencyKeys, TorchConfig):
     steps: int = Field(2000, ge=0)
     lr: float = Field(2e-4, gt=0, description="generator learning rate")
     disc_lr: float | None = Field(None, gt=0, description="discriminator learning rate (TTUR); null = lr")
+    #: G(x) = x + correction, zero-initialised head: training starts at the identity (see networks.py); false =
+    #: the paper's plain generator, which must first learn to copy its input
+    residual: bool = Field(True, description="residual generator starting at the identity")
 
     @model_validator(mode="after")
     def _check_shape_and_domains(self) -> UnpairedTranslationConfig:
@@ -82,6 +85,10 @@ class UnpairedTranslationConfig(SegConsistencyKeys, TorchConfig):
         if self.source.strip().lower() == self.target.strip().lower():
             raise KeyProblem("target", f"source/target: the two domains must differ (both {self.source!r})")
         return self
+
+    def generator(self) -> ResnetGenerator:
+        """The generator these keys describe (every translation family builds its generators here)."""
+        return ResnetGenerator(tuple(self.channels), self.n_res_blocks, residual=self.residual)
 
 
 class CycleGANConfig(UnpairedTranslationConfig):
@@ -129,7 +136,7 @@ class CycleGANModel(TorchFamily, Translator):
         return {"g_ab": self._generator(), "g_ba": self._generator()}
 
     def _generator(self) -> nn.Module:
-        return ResnetGenerator(tuple(self.config.channels), self.config.n_res_blocks)
+        return self.config.generator()
 
     def _discriminator(self) -> nn.Module:
         cfg = self.config
