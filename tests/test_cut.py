@@ -3,6 +3,7 @@ evaluation (toy domains: phantom slices and their inverted contrast, which are p
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from medsynth.data.slices import SliceSet
 from medsynth.errors import ConfigError, MedsynthError
 from medsynth.evaluation.translation import pair_index, paired_rows, paired_similarity, paired_targets
 from medsynth.models.base import GenerativeModel
+from medsynth.models.latent.common import to_size
 from medsynth.models.registry import create_model, get_family
 from medsynth.models.translation.patchnce import PatchProjection, patch_nce_loss
 
@@ -90,19 +92,55 @@ def test_fastcut_defaults_follow_the_paper_and_bad_keys_name_themselves():
 @pytest.mark.parametrize("family", ["cyclegan", "cut", "fastcut"])
 def test_untrained_residual_generator_is_exactly_the_identity(toy, family):
     """Default generator: input + a zero-initialised correction, so before any step every family returns its
-    input bit for bit (working size = input size: no resampling); the plain generator does not."""
-    a, _ = _domains(toy)
+    input bit for bit (working size = input size: no resampling), up to the clip to the target domain's training
+    intensity range; the plain generator does not."""
+    a, b = _domains(toy)
     params = {k: v for k, v in TINY.items() if family != "cyclegan" or k not in ("num_patches", "nce_dim")}
     params = {**params, "image_size": a.images.shape[-1], "steps": 0}
     model = create_model(family, params)
     assert model.config.residual is True
     model.fit(toy, seed=0)
-    assert np.array_equal(model.translate(a.images[:3]), a.images[:3])
+    expected = np.clip(a.images[:3], b.images.min(), b.images.max())
+    assert np.array_equal(model.translate(a.images[:3]), expected)
     plain = create_model(family, {**params, "residual": False})
     plain.fit(toy, seed=0)
     assert not np.allclose(plain.translate(a.images[:3]), a.images[:3], atol=1e-2)
     with pytest.raises(ConfigError, match="residual"):
         create_model(family, {**params, "residual": "sometimes"})
+
+
+@pytest.mark.parametrize("family", ["cyclegan", "cut"])
+def test_translation_stays_in_the_to_domain_intensity_range(toy, family, tmp_path):
+    """Output is clipped to the [min, max] of the to-domain's training slices (a residual correction is
+    otherwise unbounded), and the range survives save -> load."""
+    a, b = _domains(toy)
+    params = {k: v for k, v in TINY.items() if family != "cyclegan" or k not in ("num_patches", "nce_dim")}
+    model = create_model(family, {**params, "steps": 2})
+    model.fit(toy, seed=0)
+    far = a.images[:2] * 10.0 + 5.0  # far above anything either domain holds
+    out = model.translate(far)
+    working = to_size(b.images, model.config.image_size)
+    lo, hi = float(working.min()), float(working.max())
+    assert out.min() >= lo - 1e-6 and out.max() <= hi + 1e-6
+    assert np.isclose(out.max(), hi)  # clipped, not rescaled: the overshoot sits at the range's top
+    model.save(tmp_path / "m")
+    assert np.array_equal(GenerativeModel.load(tmp_path / "m").translate(far), out)
+
+
+def test_a_model_saved_before_residual_generators_loads_as_plain(toy, tmp_path):
+    """model.json of an older save has no residual key (its weights are a plain generator's) and no intensity
+    range: it must load as a plain generator and translate unclipped."""
+    a, _ = _domains(toy)
+    model = create_model("cut", {**TINY, "steps": 2, "residual": False})
+    model.fit(toy, seed=0)
+    model.intensity_range = None
+    model.save(tmp_path / "m")
+    record = json.loads((tmp_path / "m" / "model.json").read_text(encoding="utf-8"))
+    del record["config"]["residual"], record["meta"]["residual"]
+    (tmp_path / "m" / "model.json").write_text(json.dumps(record), encoding="utf-8")
+    loaded = GenerativeModel.load(tmp_path / "m")
+    assert loaded.config.residual is False
+    assert np.array_equal(loaded.translate(a.images[:3]), model.translate(a.images[:3]))
 
 
 # ---- fitting, translating, state ---------------------------------------------------------------------
@@ -214,9 +252,14 @@ def test_translate_flow_on_paired_scanners_reports_paired_fidelity(prefect_harne
     params = {**TINY, "domain_key": "vendor", "source": "phantom-A", "target": "phantom-B", "steps": 4}
     cfg = RunConfig.model_validate(
         {
-            "run_name": "paired", "seed": 0, "flow": "translate",
-            "data": {"source": "phantom", "phantom": {"subjects": 4, "contrast": "cine", "scanner": "A+B"},
-                     "splits": {"train": 0.5, "test": 0.5}},
+            "run_name": "paired",
+            "seed": 0,
+            "flow": "translate",
+            "data": {
+                "source": "phantom",
+                "phantom": {"subjects": 4, "contrast": "cine", "scanner": "A+B"},
+                "splits": {"train": 0.5, "test": 0.5},
+            },
             "preprocess": {"size": 64, "spacing_mm": 2.5},
             "models": [{"family": "cut", "params": params}, {"family": "fastcut", "params": params}],
             "evaluation": {"translation": {"bootstrap": 5, "segmentation": {"image_size": 32, "iterations": 5}}},
@@ -235,8 +278,9 @@ def test_translate_flow_on_paired_scanners_reports_paired_fidelity(prefect_harne
     assert "true target" in (run_dir / "report.md").read_text(encoding="utf-8")
     assert (run_dir / "figures" / "samples.png").is_file()
     with pytest.raises(ValueError, match="scanner"):
-        RunConfig.model_validate({**cfg, "data": {"source": "phantom", "phantom": {"contrast": "cine+lge",
-                                                                                     "scanner": "A+B"}}})
+        RunConfig.model_validate(
+            {**cfg, "data": {"source": "phantom", "phantom": {"contrast": "cine+lge", "scanner": "A+B"}}}
+        )
 
 
 def test_target_unet_is_trained_once_per_run_and_reused_for_the_same_data_and_config(toy):

@@ -34,28 +34,22 @@ for training and translation and back to the input size afterwards.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from monai.losses import PatchAdversarialLoss
-from monai.networks.nets import PatchDiscriminator
 from pydantic import Field, model_validator
 from torch import nn
 
 from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
 from medsynth.errors import MedsynthError
-from medsynth.models.base import TranslationDomains, Translator
-from medsynth.models.latent.common import check_slices, maps_to_size, to_size
-from medsynth.models.torch_family import TorchFamily
-from medsynth.models.translation.cyclegan import UnpairedTranslationConfig, _domain_values
+from medsynth.models.translation.common import UnpairedTranslator
+from medsynth.models.translation.cyclegan import UnpairedTranslationConfig
 from medsynth.models.translation.patchnce import PatchProjection, patch_nce_loss
 from medsynth.models.translation.segconsistency import (
-    pack_labels,
     seg_consistency_loss,
-    train_source_unet,
 )
 from medsynth.utils.seeding import exclusive_global_rng
 
@@ -105,12 +99,11 @@ class FastCUTConfig(CUTConfig):
     flip_equivariance: bool = Field(True, description="mirror inputs on half the iterations (FastCUT)")
 
 
-class CUTModel(TorchFamily, Translator):
+class CUTModel(UnpairedTranslator):
     """Unpaired one-way translation ``source`` → ``target`` with PatchNCE."""
 
     family: ClassVar[str] = "cut"
     Config: ClassVar[type[StrictModel]] = CUTConfig
-    conditional: ClassVar[bool] = False
     ema_modules: ClassVar[tuple[str, ...] | None] = ("g",)
     directions: ClassVar[tuple[str, ...]] = ("forward",)
 
@@ -129,55 +122,16 @@ class CUTModel(TorchFamily, Translator):
         h = PatchProjection(g.feature_channels(cfg.layers()), cfg.nce_dim)
         return {"g": g, "h": h}
 
-    def _discriminator(self) -> nn.Module:
-        cfg = self.config
-        return PatchDiscriminator(
-            spatial_dims=2, channels=cfg.disc_channels, in_channels=1, num_layers_d=cfg.disc_layers, norm="INSTANCE"
-        )
-
-    def domains(self, slices: SliceSet) -> tuple[np.ndarray, np.ndarray]:
-        """Boolean masks (N,) of the source- and target-domain slices of ``slices``."""
-        values = _domain_values(slices, self.config.domain_key)
-        return values == self.config.source.strip().lower(), values == self.config.target.strip().lower()
-
-    def translation_domains(self, slices: SliceSet, direction: str = "forward") -> TranslationDomains:
-        cfg = self.config
-        src, dst = cfg.source.strip().lower(), cfg.target.strip().lower()
-        is_a, is_b = self.domains(slices)
-        if direction == "forward":
-            return TranslationDomains(cfg.domain_key, src, dst, is_a)
-        if direction == "backward":  # describes the domains; translate() itself only runs forward
-            return TranslationDomains(cfg.domain_key, dst, src, is_b)
-        raise ValueError(f"direction: 'forward' or 'backward', got {direction!r}")
-
     # ---- fitting -------------------------------------------------------------------------------------
     @exclusive_global_rng
     def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
         """Train on the source- and target-domain slices of ``train`` (unpaired; other domains ignored; ``val``
         is not used)."""
-        check_slices(train, self.family)
         cfg = self.config
-        is_a, is_b = self.domains(train)
-        if not is_a.any() or not is_b.any():
-            found = sorted(set(_domain_values(train, cfg.domain_key)))
-            raise MedsynthError(
-                f"{self.family}: need slices of both domains {cfg.source!r} and {cfg.target!r} in column "
-                f"{cfg.domain_key!r}; found {found}"
-            )
-        t0 = time.perf_counter()
-        unet = None
-        if cfg.lambda_seg > 0:  # trained first: train_unet reseeds the global RNG itself
-            unet = train_source_unet(train.subset(is_a), cfg.image_size, cfg.seg_iterations, cfg.seg_channels, seed)
-        self.begin_fit(seed)
-        self.set_modules(self.build_modules())
+        is_a, is_b, unet = self.begin_translation_fit(train, seed)
         g, h = self.nets["g"], self.nets["h"]
         d = self._discriminator().to(self.device)
-        if unet is not None:
-            unet = unet.to(self.device)
-        a = to_size(train.images[is_a], cfg.image_size)
-        if unet is not None:
-            a = pack_labels(a, train.labels[is_a], cfg.image_size)
-        data = {"a": self.tensor(a), "b": self.tensor(to_size(train.images[is_b], cfg.image_size))}
+        data = self.translation_data(train, is_a, is_b, unet)
         adv = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
         layers = cfg.layers()
 
@@ -230,14 +184,8 @@ class CUTModel(TorchFamily, Translator):
             self.make_step("generator", gh_params, gen_loss, [g, h], betas=betas),
         ]
         res = self.train_steps(steps, data, seed, extra_modules={"d": d}, prepare=fakes, main="generator")
-        elapsed = time.perf_counter() - t0
         self.fitted = True
-        return {
-            "n_source": int(is_a.sum()),
-            "n_target": int(is_b.sum()),
-            "lambda_seg": cfg.lambda_seg,
-            **self.fit_report(res, int(is_a.sum()), elapsed),
-        }
+        return self.translation_report(res, is_a, is_b)
 
     # ---- contract ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -252,17 +200,7 @@ class CUTModel(TorchFamily, Translator):
             )
         if direction != "forward":
             raise ValueError(f"direction: 'forward' or 'backward', got {direction!r}")
-        images = np.asarray(images, dtype=np.float32)
-        if images.ndim != 4 or images.shape[1] != 1:
-            raise ValueError(f"images: expected (N, 1, H, W), got {images.shape}")
-        if not np.all(np.isfinite(images)):
-            raise ValueError("images: contain NaN/Inf")
-        if len(images) == 0:
-            return images.copy()
-        net = self.module("g")
-        x = self.tensor(to_size(images, self.config.image_size))
-        y = self.numpy(torch.cat([net(b) for b in x.split(64)]))
-        return maps_to_size(y[:, 0], images.shape[2:])[:, None]
+        return self.run_generator(self.module("g"), images, "target")
 
 
 class FastCUTModel(CUTModel):

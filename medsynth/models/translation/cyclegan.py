@@ -27,29 +27,24 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
-from monai.networks.nets import PatchDiscriminator
 from pydantic import Field, model_validator
 from torch import nn
 
 from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
-from medsynth.errors import MedsynthError
-from medsynth.models.base import TranslationDomains, Translator
-from medsynth.models.latent.common import check_slices, maps_to_size, to_size
-from medsynth.models.torch_family import TorchConfig, TorchFamily
+from medsynth.models.latent.common import to_size
+from medsynth.models.torch_family import TorchConfig
+from medsynth.models.translation.common import UnpairedTranslator
 from medsynth.models.translation.networks import ResnetGenerator
 from medsynth.models.translation.segconsistency import (
     SegConsistencyKeys,
-    pack_labels,
     seg_consistency_loss,
-    train_source_unet,
 )
 from medsynth.utils.seeding import exclusive_global_rng
 
@@ -99,18 +94,11 @@ class CycleGANConfig(UnpairedTranslationConfig):
     lambda_identity: float = Field(0.5, ge=0, description="identity loss weight, relative to lambda_cycle")
 
 
-def _domain_values(slices: SliceSet, key: str) -> np.ndarray:
-    if key not in slices.meta.columns:
-        raise MedsynthError(f"domain_key: slice metadata has no column {key!r}; columns: {list(slices.meta.columns)}")
-    return slices.meta[key].astype(str).str.strip().str.lower().to_numpy()
-
-
-class CycleGANModel(TorchFamily, Translator):
+class CycleGANModel(UnpairedTranslator):
     """Unpaired translation ``source`` ↔ ``target``; ``translate`` maps source-domain slices to the target."""
 
     family: ClassVar[str] = "cyclegan"
     Config: ClassVar[type[StrictModel]] = CycleGANConfig
-    conditional: ClassVar[bool] = False
     ema_modules: ClassVar[tuple[str, ...] | None] = ("g_ab", "g_ba")
 
     @classmethod
@@ -138,54 +126,16 @@ class CycleGANModel(TorchFamily, Translator):
     def _generator(self) -> nn.Module:
         return self.config.generator()
 
-    def _discriminator(self) -> nn.Module:
-        cfg = self.config
-        return PatchDiscriminator(
-            spatial_dims=2, channels=cfg.disc_channels, in_channels=1, num_layers_d=cfg.disc_layers, norm="INSTANCE"
-        )
-
-    def domains(self, slices: SliceSet) -> tuple[np.ndarray, np.ndarray]:
-        """Boolean masks (N,) of the source- and target-domain slices of ``slices``."""
-        values = _domain_values(slices, self.config.domain_key)
-        return values == self.config.source.strip().lower(), values == self.config.target.strip().lower()
-
-    def translation_domains(self, slices: SliceSet, direction: str = "forward") -> TranslationDomains:
-        cfg = self.config
-        src, dst = cfg.source.strip().lower(), cfg.target.strip().lower()
-        is_a, is_b = self.domains(slices)
-        if direction == "forward":
-            return TranslationDomains(cfg.domain_key, src, dst, is_a)
-        if direction == "backward":
-            return TranslationDomains(cfg.domain_key, dst, src, is_b)
-        raise ValueError(f"direction: 'forward' or 'backward', got {direction!r}")
-
     # ---- fitting -------------------------------------------------------------------------------------
     @exclusive_global_rng
     def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
         """Train on the source- and target-domain slices of ``train`` (unpaired; other domains ignored)."""
-        check_slices(train, self.family)
         cfg = self.config
-        is_a, is_b = self.domains(train)
-        if not is_a.any() or not is_b.any():
-            found = sorted(set(_domain_values(train, cfg.domain_key)))
-            raise MedsynthError(
-                f"{self.family}: need slices of both domains {cfg.source!r} and {cfg.target!r} in column "
-                f"{cfg.domain_key!r}; found {found}"
-            )
-        t0 = time.perf_counter()
-        unet = None
-        if cfg.lambda_seg > 0:  # trained first: train_unet reseeds the global RNG itself
-            unet = train_source_unet(train.subset(is_a), cfg.image_size, cfg.seg_iterations, cfg.seg_channels, seed)
-        self.begin_fit(seed)
-        self.set_modules(self.build_modules())  # weight init order: g_ab, g_ba, then d_a, d_b
+        is_a, is_b, unet = self.begin_translation_fit(train, seed)  # weight init order: g_ab, g_ba, then d_a, d_b
         g_ab, g_ba = self.nets["g_ab"], self.nets["g_ba"]
         d_a, d_b = self._discriminator().to(self.device), self._discriminator().to(self.device)
         # the i-th domain's batches are seeded by (seed + i, step): a resumed run draws the same pairs
-        a_np = to_size(train.images[is_a], cfg.image_size)
-        if unet is not None:  # source labels ride along as channel 1 (same batch indices as without)
-            unet = unet.to(self.device)
-            a_np = pack_labels(a_np, train.labels[is_a], cfg.image_size)
-        data = {"a": self.tensor(a_np), "b": self.tensor(to_size(train.images[is_b], cfg.image_size))}
+        data = self.translation_data(train, is_a, is_b, unet)
         adv = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
 
         def fakes(batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
@@ -236,14 +186,8 @@ class CycleGANModel(TorchFamily, Translator):
         ]
         discs = {"d_a": d_a, "d_b": d_b}  # trained and checkpointed, not saved with the model
         res = self.train_steps(steps, data, seed, extra_modules=discs, prepare=fakes, main="generator")
-        elapsed = time.perf_counter() - t0
         self.fitted = True
-        report: dict[str, Any] = {
-            "n_source": int(is_a.sum()),
-            "n_target": int(is_b.sum()),
-            "lambda_seg": cfg.lambda_seg,
-            **self.fit_report(res, int(is_a.sum()), elapsed),
-        }
+        report = self.translation_report(res, is_a, is_b)
         if val is not None and len(val):
             report.update(self.evaluate(val))
         return report
@@ -268,17 +212,8 @@ class CycleGANModel(TorchFamily, Translator):
     def translate(self, images: np.ndarray, seed: int = 0, direction: str = "forward") -> np.ndarray:
         """Source-domain images (N, 1, H, W) → target appearance (``direction="backward"``: target → source),
         returned at the input size. Deterministic (no sampling; ``seed`` is unused)."""
-        self._require_fitted()
-        images = np.asarray(images, dtype=np.float32)
-        if images.ndim != 4 or images.shape[1] != 1:
-            raise ValueError(f"images: expected (N, 1, H, W), got {images.shape}")
-        if not np.all(np.isfinite(images)):
-            raise ValueError("images: contain NaN/Inf")
         if direction not in ("forward", "backward"):
             raise ValueError(f"direction: 'forward' or 'backward', got {direction!r}")
-        if len(images) == 0:
-            return images.copy()
-        net = self.g_ab if direction == "forward" else self.g_ba
-        x = self.tensor(to_size(images, self.config.image_size))
-        y = self.numpy(torch.cat([net(b) for b in x.split(64)]))
-        return maps_to_size(y[:, 0], images.shape[2:])[:, None]
+        if direction == "forward":
+            return self.run_generator(self.g_ab, images, "target")
+        return self.run_generator(self.g_ba, images, "source")
