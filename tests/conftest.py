@@ -10,6 +10,13 @@ import pytest
 
 # Prefect must never touch the user's home or phone home from tests; set before anything imports it.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="medsynth-prefect-"))
+# Under pytest-xdist every worker gets its own Prefect home: the ephemeral server's SQLite database, the
+# profiles and the result store live there, and two processes writing one SQLite file fail with "database is
+# locked". The folder is derived from the shared one, so a caller's PREFECT_HOME still holds everything.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _worker_home = Path(os.environ["PREFECT_HOME"]) / f"xdist-{os.environ['PYTEST_XDIST_WORKER']}"
+    _worker_home.mkdir(parents=True, exist_ok=True)
+    os.environ["PREFECT_HOME"] = str(_worker_home)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
