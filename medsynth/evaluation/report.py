@@ -356,7 +356,34 @@ def segmentation_paragraph(summary: pd.DataFrame, unit: str = "mm", ci: float = 
         head = "No arm with synthetic data beat real-only with a CI above zero."
     if hurt:
         head += " Worse than real-only, with the CI below zero: " + "; ".join(hurt) + "."
-    return head + "\n\n" + "\n".join(lines)
+    ratios = ratio_paragraph(summary, pct)
+    return head + "\n\n" + "\n".join(lines) + (f"\n\n{ratios}" if ratios else "")
+
+
+def ratio_paragraph(summary: pd.DataFrame, pct: str = "95 %") -> str:
+    """Which synthetic ratio was best at each learning-curve point, in words, and whether its CI overlaps
+    the other ratios' (from :func:`medsynth.evaluation.segmentation.best_ratios`); empty without a sweep."""
+    from medsynth.evaluation.segmentation import best_ratios
+
+    best = best_ratios(summary)
+    if best.empty:
+        return ""
+    lines = ["Synthetic ratio sweep (synthetic slices per real slice), best ratio per number of real patients:"]
+    for _, b in best.iterrows():
+        others = b["overlapping"].split(";") if b["overlapping"] else []
+        if len(others) > 1:
+            overlap = f"its CI overlaps those of ratios {', '.join(others)}: the data do not tell these apart from it"
+        elif others:
+            overlap = f"its CI overlaps that of ratio {others[0]}: the data do not tell the two apart"
+        else:
+            overlap = "its CI overlaps no other ratio's: the data tell it apart from every other ratio"
+        lines.append(
+            f"- **{b['synthetic_set']}** with {b['n_real_patients']} real patients: ratio {b['best_ratio']:g} "
+            f"({b['best_arm']}, mean Dice {b['dice_mean']:.3f}, {100 * b['dice_diff']:+.1f} Dice points over "
+            f"real-only, {pct} CI {100 * b['dice_diff_ci_low']:+.1f} to {100 * b['dice_diff_ci_high']:+.1f}) of "
+            f"the ratios {b['ratios'].replace(';', ', ')}; {overlap}."
+        )
+    return "\n".join(lines)
 
 
 def reach_paragraph(reach: list[dict]) -> str:
@@ -392,6 +419,21 @@ def segmentation_tables(summary: pd.DataFrame, unit: str = "mm") -> tuple[pd.Dat
     def pm(mean, std, spec: str) -> str:
         return fmt(mean, spec) + ("" if pd.isna(std) or pd.isna(mean) else f" ± {spec.format(std)}")
 
+    from medsynth.evaluation.segmentation import best_ratios
+
+    best = best_ratios(summary)
+    best_at = {(b["best_arm"], int(b["n_real_patients"])): b for _, b in best.iterrows()}
+
+    def ratio_cell(r) -> str:
+        ratio = r.get("synthetic_ratio")
+        if pd.isna(ratio):
+            return "–"
+        b = best_at.get((r["arm"], int(r["n_real_patients"])))
+        if b is None:
+            return f"{ratio:g}"
+        tie = f"; CI overlaps {b['overlapping'].replace(';', ', ')}" if b["overlapping"] else ""
+        return f"{ratio:g} (best at this n{tie})"
+
     curve, per_class = [], []
     for _, r in summary.iterrows():
         ref = "" if r["arm"] == "real" or pd.isna(r.get("reference_n")) else f" (vs real n={int(r['reference_n'])})"
@@ -408,6 +450,8 @@ def segmentation_tables(summary: pd.DataFrame, unit: str = "mm") -> tuple[pd.Dat
                     f"Δ HD95 ({unit}) [CI]": diff(r, "hd95", 1.0, "{:+.1f}"),
                 }
             )
+            if not best.empty:  # a ratio sweep: which ratio each arm used and which was best
+                curve[-1]["synthetic ratio"] = ratio_cell(r)
         else:
             per_class.append(
                 {
