@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from typing import TYPE_CHECKING, Literal
 
@@ -48,11 +47,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, PositiveInt, field_validator, model_validator
-from tqdm.auto import tqdm
 
 from medsynth.config import KeyProblem, StrictModel
 from medsynth.errors import TrainingError
 from medsynth.labels import CANONICAL, N_CLASSES
+from medsynth.utils.progress import Progress
 from medsynth.utils.seeding import exclusive_global_rng, rng, seed_everything
 
 if TYPE_CHECKING:
@@ -122,7 +121,7 @@ class SegmentationConfig(StrictModel):
     #: then get several times more U-Net pixels. ``"none"``: the whole slice.
     roi: Literal["none", "heart"] = "none"
     roi_margin: float = Field(0.3, ge=0.0, le=2.0)  # added on each side, as a fraction of the box side
-    progress: bool = True  # tqdm bar over training iterations (stderr)
+    progress: bool = True  # a tqdm bar (main thread, terminal) or progress log lines (worker threads / processes)
     #: CLI only: seeded patient-level test fraction when the manifest has no split.
     test_fraction: float = 0.3
     split_seed: int = 0
@@ -327,31 +326,23 @@ def make_unet(cfg: SegmentationConfig) -> torch.nn.Module:
     )
 
 
-#: Trainings running now (threads of a task runner): a second concurrent one draws no tqdm bar of its own,
-#: so two seeds never garble each other's line; both still log their start, estimate and end.
-_ACTIVE = {"n": 0}
-_ACTIVE_LOCK = threading.Lock()
-
-
 @exclusive_global_rng
 def train_unet(train: SliceSet, cfg: SegmentationConfig, seed: int, name: str = "") -> tuple[torch.nn.Module, dict]:
     """Train the U-Net on ``train`` for ``cfg.iterations`` batches (DiceCE loss, Adam, cosine LR).
 
     Uses ``cfg.num_threads`` torch threads during training (restored afterwards): on a busy 2-core machine
-    1 thread is often several times faster than 2. ``name`` labels the log lines and the progress bar.
+    1 thread is often several times faster than 2. ``name`` labels the log lines and the progress bar (arm,
+    n and seed in the protocol). After the first steps one line announces the expected length; progress is a
+    tqdm bar only in the main thread on a terminal, else (the worker threads of a task runner, where several
+    seeds run side by side) whole log lines naming the training (:class:`medsynth.utils.progress.Progress`).
     """
     if len(train) == 0:
         raise ValueError("train: empty training set")
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, cfg.num_threads))
-    with _ACTIVE_LOCK:
-        _ACTIVE["n"] += 1
-        alone = _ACTIVE["n"] == 1
     try:
-        return _train(train, cfg, seed, name or f"seed {seed}", show_bar=cfg.progress and alone)
+        return _train(train, cfg, seed, name or f"seed {seed}", show_bar=cfg.progress)
     finally:
-        with _ACTIVE_LOCK:
-            _ACTIVE["n"] -= 1
         torch.set_num_threads(prev_threads)
 
 
@@ -391,31 +382,28 @@ def _train(
     )  # fmt: skip
     t0 = time.perf_counter()
     loss_v = float("nan")
-    steps = tqdm(range(cfg.iterations), desc=f"U-Net {name}", disable=not show_bar, leave=False, mininterval=2.0)
     n_syn = n_seen = 0
-    announce_at = min(5, cfg.iterations)
-    for it in steps:
-        idx = _batch_indices(origin, cfg, gen)
-        n_syn += int((origin[idx.numpy()] == "synthetic").sum())
-        n_seen += len(idx)
-        x, y = x_all[idx], y_all[idx]
-        if cfg.augment:
-            x, y = _augment(x, y, gen, cfg.augmentation)
-        if weighted:
-            loss = weighted_loss(model(x), y, sample_weights(syn_mask[idx], cfg.synthetic_weight))
-        else:
-            loss = loss_fn(model(x), y[:, None])
-        if not torch.isfinite(loss):
-            raise TrainingError(f"segmentation U-Net: non-finite loss at step {it}")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_v = float(loss.detach())
-        if it + 1 == announce_at and cfg.iterations > announce_at:
-            per_step = (time.perf_counter() - t0) / announce_at
-            log.info("U-Net %s: ~%.0f s expected (%.2f s/step over the first %d)", name,
-                     per_step * cfg.iterations, per_step, announce_at)  # fmt: skip
+    what = f"{cfg.iterations} steps × batch {cfg.batch_size} on cpu"
+    with Progress(cfg.iterations, f"U-Net {name}", what, enabled=show_bar, logger=log) as progress:
+        for it in range(cfg.iterations):
+            idx = _batch_indices(origin, cfg, gen)
+            n_syn += int((origin[idx.numpy()] == "synthetic").sum())
+            n_seen += len(idx)
+            x, y = x_all[idx], y_all[idx]
+            if cfg.augment:
+                x, y = _augment(x, y, gen, cfg.augmentation)
+            if weighted:
+                loss = weighted_loss(model(x), y, sample_weights(syn_mask[idx], cfg.synthetic_weight))
+            else:
+                loss = loss_fn(model(x), y[:, None])
+            if not torch.isfinite(loss):
+                raise TrainingError(f"segmentation U-Net: non-finite loss at step {it}")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_v = float(loss.detach())
+            progress.update({"loss": loss_v})
     model.eval()
     seconds = time.perf_counter() - t0
     log.info("U-Net %s: done in %.1f s, final loss %.3f", name, seconds, loss_v)
