@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medsynth.labels import LV, MVO, MYO, RV, SCAR
 from medsynth.utils.atomic import atomic_file
 
 log = logging.getLogger(__name__)
@@ -510,21 +511,31 @@ def _panel_title(row: pd.Series, i: int) -> str:
     return " ".join(parts)
 
 
+#: Contours drawn myocardium first: its inner line is the LV's outline and its outer line borders the RV, so
+#: the LV and RV contours drawn after it stay visible; scar and MVO (inside the myocardium) last.
+_CONTOUR_ORDER = (MYO, RV, LV, SCAR, MVO)
+
+
 def plot_samples(
     real, synth_sets: list[tuple[str, object]], path: str | Path, n: int = 6, first: str = "real (held-out)"
 ) -> Path:
-    """Rows: real slices, then each synthetic set (side by side for comparison), labels overlaid in the
-    colours of ``medsynth inspect`` with a legend; each row's first panel names its set. ``real`` and the sets
-    are SliceSets (images (N, 1, H, W) normalised, labels (N, H, W))."""
-    from matplotlib.patches import Patch
+    """Rows: real slices, then each synthetic set (side by side for comparison). Each panel is the grey image
+    with its labels drawn as thin contours in the colours of ``medsynth inspect`` (an opaque fill would hide the
+    appearance the figure is there to compare), titled with subject / phase / slice; a legend names the
+    contour colours and each row's first panel names its set. One grey window for every panel (0 to the
+    99.5th percentile of the real images), so brightness differences between real and synthetic show.
+    ``real`` and the sets are SliceSets (images (N, 1, H, W) normalised, labels (N, H, W))."""
+    from matplotlib.lines import Line2D
 
-    from medsynth.data.inspect import COLOURS, overlay
+    from medsynth.data.inspect import COLOURS
     from medsynth.labels import CANONICAL
 
     plt = _plt()
     rows = [(first, real)] + list(synth_sets)
+    vmax = float(np.percentile(real.images, 99.5)) if len(real) else 1.0
+    vmax = vmax if np.isfinite(vmax) and vmax > 0 else 1.0
     fig, axes = plt.subplots(
-        len(rows), n, figsize=(1.9 * n, 2.05 * len(rows) + 0.6), squeeze=False, layout="constrained"
+        len(rows), n, figsize=(1.9 * n, 2.05 * len(rows) + 0.7), squeeze=False, layout="constrained"
     )
     present = set()
     for r, (name, s) in enumerate(rows):
@@ -537,17 +548,22 @@ def plot_samples(
                 sp.set_visible(False)
             if c < len(idx):
                 i = idx[c]
-                present |= set(np.unique(s.labels[i]).tolist())
-                ax.imshow(overlay(s.images[i, 0], s.labels[i]), interpolation="nearest")
+                lab = s.labels[i]
+                ax.imshow(s.images[i, 0], cmap="gray", vmin=0.0, vmax=vmax, interpolation="nearest")
+                for code in _CONTOUR_ORDER:
+                    mask = lab == code
+                    if mask.any():
+                        present.add(code)
+                        # the class mask's half-level line, on the pixel boundary
+                        ax.contour(mask.astype(np.float32), levels=[0.5], colors=[COLOURS[code]], linewidths=0.7)
                 ax.set_title(_panel_title(s.meta.iloc[i], i), fontsize=6)
         axes[r, 0].set_ylabel(name, fontsize=9, fontweight="bold")
-    handles = [Patch(color=col, label=CANONICAL[k]) for k, col in COLOURS.items() if k in present] or [
-        Patch(color=col, label=CANONICAL[k]) for k, col in COLOURS.items()
-    ]
+    shown = [k for k in COLOURS if k in present] or list(COLOURS)
+    handles = [Line2D([], [], color=COLOURS[k], lw=1.5, label=CANONICAL[k]) for k in shown]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False,
-               title="label overlay", title_fontsize=8)  # fmt: skip
-    fig.suptitle("Real vs synthetic slices (one row per set; labels overlaid)", fontsize=9)
+               title="label contours", title_fontsize=8)  # fmt: skip
+    fig.suptitle("Real vs synthetic slices (one row per set; labels as contours)", fontsize=9)
     with atomic_file(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return Path(path)

@@ -329,7 +329,8 @@ def write_augment_outputs(
         "",
         "## Samples",
         "",
-        "Top row: held-out real slices; below, one row per synthetic set, side by side; labels overlaid.",
+        "Top row: held-out real slices; below, one row per synthetic set, side by side; labels drawn as thin "
+        "contours (legend below the figure).",
         "",
         "![real vs synthetic](figures/samples.png)",
         "",
