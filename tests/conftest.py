@@ -60,3 +60,24 @@ def emidec_png_root(test_data_root: Path) -> Path:
     if not root.is_dir():
         pytest.fail(f"{root} missing under MEDSYNTH_TEST_DATA")
     return root
+
+
+#: Fixtures that start a Prefect API server (``prefect_test_harness``) for their module.
+PREFECT_SERVER_FIXTURES = ("prefect_harness", "prefect_api")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for ``pytest -n 2 --dist loadgroup`` (``make test``): one group per test module, so a module's
+    fixtures (small trainings) are built once, as with ``--dist loadfile``; and every module that starts a
+    Prefect API server in one shared group, so two servers never boot at once. On a loaded 2-core machine two
+    servers starting side by side outlasted the harness's startup timeout (90 s)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    server_modules = {
+        item.module.__name__
+        for item in items
+        if item.module is not None and any(f in PREFECT_SERVER_FIXTURES for f in item.fixturenames)
+    }
+    for item in items:
+        module = item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group("prefect-server" if module in server_modules else module))
