@@ -223,7 +223,7 @@ def test_weighted_loss_weights_each_sample():
     assert float(per.mean().detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
     w = torch.tensor([1.0, 0.25, 1.0, 3.0])
     loss = seg.weighted_loss(logits, target, w)
-    assert float(loss.detach()) == pytest.approx(float((w * per).sum() / w.sum()), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float((w * per.detach()).sum() / w.sum()), rel=1e-6)
     # the weight reaches each sample's gradient: sample i's gradient is w_i / sum(w) of its own loss's gradient
     (g_w,) = torch.autograd.grad(loss, logits)
     for i in range(4):
