@@ -340,11 +340,13 @@ def test_protocol_record_of_a_weighted_sweep():
 
     params = {"mixing": "weighted", "synthetic_weight": 0.5, "synthetic_ratio": [0.5, 2], "iterations": 10}
     stage = {"params": params, "seeds": [0], "n_real_patients": ["all"]}
-    pc = _sweep_per_case().assign(arm_kind="real+synthetic", synthetic_batch_fraction=0.4)
+    pc = _sweep_per_case().query("synthetic_ratio in [0.5, 2]")
+    pc = pc.assign(arm_kind="real+synthetic", synthetic_batch_fraction=np.where(pc["synthetic_ratio"] == 2, 0.6, 0.3))
     lines, table = _protocol_lines(stage, pc, 8)
     row = table.iloc[0]
     assert json.loads(row["synthetic_ratio"]) == [0.5, 2.0] and row["mixing"] == "weighted"
     assert row["synthetic_weight"] == 0.5
     assert json.loads(row["synthetic_batch_share_expected"]) == pytest.approx([0.5 / 1.5, 2 / 3])
+    assert json.loads(row["synthetic_batch_share_measured"]) == pytest.approx([0.3, 0.6])  # per ratio
     text = " ".join(lines)
-    assert "sweep" in text and "weighted 0.5 times" in text
+    assert "sweep" in text and "weighted 0.5 times" in text and "batches 30%, 60%" in text

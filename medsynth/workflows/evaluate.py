@@ -172,8 +172,15 @@ def _protocol_lines(seg_stage: dict[str, Any], per_case: pd.DataFrame, n_test: i
         if cfg.augment
         else "none"
     )
-    share = per_case.loc[per_case["arm_kind"] == "real+synthetic", "synthetic_batch_fraction"]
+    mixed = per_case[per_case["arm_kind"] == "real+synthetic"]
+    share = mixed["synthetic_batch_fraction"]
     ratios = cfg.ratios()
+    # a sweep: the measured share per ratio (one pooled mean over the ratios would describe no arm)
+    by_ratio = (
+        mixed.groupby("synthetic_ratio")["synthetic_batch_fraction"].mean()
+        if cfg.sweep and "synthetic_ratio" in mixed
+        else pd.Series(dtype=float)
+    )
     expected = ", ".join(f"{cfg.synthetic_share(r):.0%}" for r in ratios)
     if cfg.mixing == "per_batch":
         mix = f"a fixed {cfg.synthetic_batch_share:.0%} of every batch"
@@ -197,7 +204,14 @@ def _protocol_lines(seg_stage: dict[str, Any], per_case: pd.DataFrame, n_test: i
         f"{seg_stage['seeds']}. Real training patients per learning-curve point: "
         f"{', '.join(str(n) for n in seg_stage['n_real_patients'])} (nested: every seed orders the training "
         "patients once at random and takes the first n; no test patient is ever trained on).",
-        ratio_text + (f"; measured synthetic share of the batches {share.mean():.0%}." if len(share) else "."),
+        ratio_text
+        + (
+            f"; measured synthetic share of the batches {', '.join(f'{v:.0%}' for v in by_ratio)}."
+            if len(by_ratio)
+            else f"; measured synthetic share of the batches {share.mean():.0%}."
+            if len(share)
+            else "."
+        ),
         f"Standard augmentation in every arm, real-only included: {aug_text}.",
         "Dice is a fraction (0–1) averaged over LV, MYO and RV; differences are in Dice points (1 point = 0.01), "
         "paired with real-only at the same number of real patients (per test patient, averaged over seeds; "
@@ -219,7 +233,13 @@ def _protocol_lines(seg_stage: dict[str, Any], per_case: pd.DataFrame, n_test: i
                 "synthetic_batch_share_expected": (
                     cfg.synthetic_share() if not cfg.sweep else json.dumps([cfg.synthetic_share(r) for r in ratios])
                 ),
-                "synthetic_batch_share_measured": float(share.mean()) if len(share) else float("nan"),
+                "synthetic_batch_share_measured": (
+                    json.dumps([float(v) for v in by_ratio])
+                    if len(by_ratio)
+                    else float(share.mean())
+                    if len(share)
+                    else float("nan")
+                ),
                 "augment": cfg.augment,
                 "augmentation": json.dumps(aug.model_dump(), sort_keys=True),
             }
