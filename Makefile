@@ -25,7 +25,7 @@ quickstart: setup
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/medsynth run configs/quickstart.yaml --out runs --overwrite
 
 test:
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint:
 	$(BIN)/ruff check medsynth pipelines tests benchmarks

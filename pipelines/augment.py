@@ -58,17 +58,24 @@ def augment_flow(config: dict[str, Any], work: str, out: str, data_root: str | N
     segmentation = []
     seg = evaluation["segmentation"]
     if seg["enabled"]:
+        from medsynth.evaluation.segmentation import ratio_sweep
+
         labelled = [s for s in synthetic if s["has_labels"]]
         calls = []
         base = {"work": work, "slices_record": slices, "params": seg["params"]}
-        # one U-Net per (arm, learning-curve point, seed); each labelled synthetic set (family) its own arms
+        # one U-Net per (arm, learning-curve point, seed, and with a ratio sweep ratio); each labelled synthetic
+        # set (family) its own arms
+        sweep = ratio_sweep(seg["params"])
         for arm in seg["arms"]:
             sets = [[]] if arm == "real" else [[s] for s in labelled]
             points = ["all"] if arm == "synthetic" else seg["n_real_patients"]
+            ratios = sweep if arm == "real+synthetic" and sweep else [None]
             for records in sets:
                 for n in points:
-                    for s in seg["seeds"]:
-                        calls.append({**base, "synth_records": records, "arm": arm, "seed": s, "n_real": n})
+                    for r in ratios:
+                        for s in seg["seeds"]:
+                            call = {**base, "synth_records": records, "arm": arm, "seed": s, "n_real": n}
+                            calls.append(call if r is None else {**call, "ratio": r})
         segmentation = t.run_many(t.segmentation_arm, calls)
 
     result = t.write_augment_outputs(

@@ -10,8 +10,18 @@ import pytest
 
 # Prefect must never touch the user's home or phone home from tests; set before anything imports it.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="medsynth-prefect-"))
+# Under pytest-xdist every worker gets its own Prefect home: the ephemeral server's SQLite database, the
+# profiles and the result store live there, and two processes writing one SQLite file fail with "database is
+# locked". The folder is derived from the shared one, so a caller's PREFECT_HOME still holds everything.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _worker_home = Path(os.environ["PREFECT_HOME"]) / f"xdist-{os.environ['PYTEST_XDIST_WORKER']}"
+    _worker_home.mkdir(parents=True, exist_ok=True)
+    os.environ["PREFECT_HOME"] = str(_worker_home)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+# The harness fixtures wait this long for their API server (server_startup_timeout=None reads it): on a loaded
+# 2-core machine a server's start (imports, SQLite migrations) took over 90 s; a long cap costs nothing when it
+# starts sooner.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import torch  # noqa: E402
@@ -53,3 +63,24 @@ def emidec_png_root(test_data_root: Path) -> Path:
     if not root.is_dir():
         pytest.fail(f"{root} missing under MEDSYNTH_TEST_DATA")
     return root
+
+
+#: Fixtures that start a Prefect API server (``prefect_test_harness``) for their module.
+PREFECT_SERVER_FIXTURES = ("prefect_harness", "prefect_api")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for ``pytest -n 2 --dist loadgroup`` (``make test``): one group per test module, so a module's
+    fixtures (small trainings) are built once, as with ``--dist loadfile``; and every module that starts a
+    Prefect API server in one shared group, so two servers never boot at once. On a loaded 2-core machine two
+    servers starting side by side outlasted the harness's startup timeout (90 s)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    server_modules = {
+        item.module.__name__
+        for item in items
+        if item.module is not None and any(f in PREFECT_SERVER_FIXTURES for f in item.fixturenames)
+    }
+    for item in items:
+        module = item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group("prefect-server" if module in server_modules else module))

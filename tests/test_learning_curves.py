@@ -207,3 +207,146 @@ def test_reach_statements_from_the_curve():
     assert r["arm"] == "real+x" and r["n_real_patients"] == 2 and r["n_all"] == 8
     assert r["x_pct"] == pytest.approx(25.0)
     assert r["y_pct"] == pytest.approx(90.0) and r["real_y_pct"] == pytest.approx(75.0)
+
+
+# ---- mixing by sample weight --------------------------------------------------------------------------------
+def test_weighted_loss_weights_each_sample():
+    from monai.losses import DiceCELoss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 4, 8, 8, generator=gen, requires_grad=True)
+    target = torch.randint(0, 4, (4, 8, 8), generator=gen)
+    per = seg.per_sample_loss(logits, target)
+    assert per.shape == (4,)
+    # with equal weights the per-sample losses average to MONAI's DiceCE of the batch
+    plain = DiceCELoss(to_onehot_y=True, softmax=True)(logits, target[:, None])
+    assert float(per.mean().detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
+    w = torch.tensor([1.0, 0.25, 1.0, 3.0])
+    loss = seg.weighted_loss(logits, target, w)
+    assert float(loss.detach()) == pytest.approx(float((w * per.detach()).sum() / w.sum()), rel=1e-6)
+    # the weight reaches each sample's gradient: sample i's gradient is w_i / sum(w) of its own loss's gradient
+    (g_w,) = torch.autograd.grad(loss, logits)
+    for i in range(4):
+        (g_i,) = torch.autograd.grad(seg.per_sample_loss(logits, target)[i], logits)
+        assert torch.allclose(g_w[i], g_i[i] * w[i] / w.sum(), atol=1e-7)
+
+
+def test_weighted_mixing_weights_the_synthetic_slices_of_every_batch(data, monkeypatch):
+    train, test, sets = data
+    masks, losses = [], []
+    make_weights, loss_of = seg.sample_weights, seg.weighted_loss
+
+    def weights_spy(synthetic, weight):
+        w = make_weights(synthetic, weight)
+        masks.append((synthetic.clone(), w))
+        return w
+
+    def loss_spy(logits, target, weights):
+        losses.append(weights)
+        return loss_of(logits, target, weights)
+
+    monkeypatch.setattr(seg, "sample_weights", weights_spy)
+    monkeypatch.setattr(seg, "weighted_loss", loss_spy)
+    cfg = SegmentationConfig(**{**TINY, "iterations": 4}, seeds=[0], arms=["real+synthetic"], mixing="weighted",
+                             synthetic_weight=0.25)  # fmt: skip
+    per_case = run_segmentation_protocol(train, test, {"a": sets["a"]}, cfg)
+    assert len(masks) == len(losses) == 4  # every training step of the weighted arm
+    for (mask, w), passed in zip(masks, losses, strict=True):
+        assert torch.equal(passed, w)  # the weights reach the loss
+        assert torch.all(w[mask] == 0.25) and torch.all(w[~mask] == 1.0)
+    assert any(bool(m.any()) for m, _ in masks)  # synthetic slices were drawn
+    assert (per_case["mixing"] == "weighted").all() and (per_case["synthetic_weight"] == 0.25).all()
+    pool = run_segmentation_protocol(train, test, {"a": sets["a"]}, cfg.model_copy(update={"mixing": "pool",
+                                                                                          "synthetic_weight": 1.0}))
+    assert (pool["synthetic_weight"] == 1.0).all() and len(masks) == 4  # pool: the plain DiceCE, no weights
+
+
+def test_weight_and_ratio_keys_are_validated():
+    from medsynth.workflows.config import RunConfig
+
+    with pytest.raises(ConfigError, match="synthetic_weight"):
+        validate(SegmentationConfig, {"synthetic_weight": 2.0})  # ignored by pool mixing: an error, not a no-op
+    with pytest.raises(ConfigError, match="synthetic_weight"):
+        validate(SegmentationConfig, {"mixing": "weighted", "synthetic_weight": 0})
+    for bad in ([], [1, 1], [0.5, -1]):
+        with pytest.raises(ConfigError, match="synthetic_ratio"):
+            validate(SegmentationConfig, {"synthetic_ratio": bad})
+    base = {"models": [{"family": "gmm"}]}
+    params = {"mixing": "weighted", "synthetic_weight": 0.5, "synthetic_ratio": [0.5, 2]}
+    ok = validate(RunConfig, {**base, "evaluation": {"segmentation": {"params": params}}})
+    assert seg.ratio_sweep(ok.evaluation.segmentation.params) == [0.5, 2.0]
+    assert seg.ratio_sweep({"synthetic_ratio": 2}) == []
+
+
+# ---- ratio sweep -------------------------------------------------------------------------------------------
+def test_ratio_sweep_runs_one_named_arm_per_ratio(data):
+    train, test, sets = data
+    cfg = SegmentationConfig(**TINY, seeds=[0], arms=["real", "real+synthetic"], synthetic_ratio=[0.5, 1])
+    per_case = run_segmentation_protocol(train, test, {"a": sets["a"]}, cfg)
+    assert set(per_case["arm"]) == {"real", "real+a x0.5", "real+a x1"}
+    n_real = int(per_case.loc[per_case["arm"] == "real", "n_train_slices"].iloc[0])
+    for arm, ratio in (("real+a x0.5", 0.5), ("real+a x1", 1.0)):
+        rows = per_case[per_case["arm"] == arm]
+        assert (rows["synthetic_ratio"] == ratio).all()
+        assert (rows["n_synthetic_slices"] == round(ratio * n_real)).all()
+    assert per_case.loc[per_case["arm"] == "real", "synthetic_ratio"].isna().all()
+    # a flow task trains one ratio of the sweep; the arm keeps the name that says its ratio
+    one = run_segmentation_protocol(train, test, {"a": sets["a"]}, cfg, only_ratios=[1])
+    assert set(one["arm"]) == {"real", "real+a x1"}
+    with pytest.raises(ValueError, match="synthetic_ratio"):
+        run_segmentation_protocol(train, test, {"a": sets["a"]}, cfg, only_ratios=[3])
+
+
+def _sweep_per_case() -> pd.DataFrame:
+    gen = np.random.default_rng(1)
+    base = {6: gen.uniform(0.5, 0.7, 8)}
+    best = gen.normal(0.05, 0.01, (2, 8))
+    deltas = {
+        ("real", 6): np.zeros((2, 8)),
+        ("real+g x0.5", 6): gen.normal(0.0, 0.03, (2, 8)),
+        ("real+g x1", 6): best,
+        ("real+g x2", 6): best - 0.002,  # well inside the best arm's CI
+        ("real+g x4", 6): np.full((2, 8), -0.05),
+    }
+    pc = _per_case(deltas, base)
+    ratio = pc["arm"].str.extract(r" x([\d.]+)$")[0].astype(float)
+    return pc.assign(synthetic_ratio=ratio, synthetic_set=np.where(ratio.notna(), "g", ""))
+
+
+def test_best_ratio_is_found_and_said_in_the_report():
+    from medsynth.evaluation import report as rp
+
+    summary = summarise(_sweep_per_case(), n_bootstrap=200)
+    (best,) = seg.best_ratios(summary).to_dict("records")
+    assert best["synthetic_set"] == "g" and best["n_real_patients"] == 6
+    assert best["best_ratio"] == 1.0 and best["best_arm"] == "real+g x1"
+    assert 0.03 < best["dice_diff"] < 0.07
+    assert best["overlapping"].split(";") == ["2"]  # x2 is within its CI; x0.5 and x4 are not
+    assert best["ratios"] == "0.5;1;2;4"
+    text = rp.segmentation_paragraph(summary)
+    assert "ratio 1 (real+g x1" in text and "overlaps that of ratio 2" in text
+    curve, _ = rp.segmentation_tables(summary)
+    cells = dict(zip(curve["arm"], curve["synthetic ratio"], strict=True))
+    assert cells["real+g x1"].startswith("1 (best at this n") and "2" in cells["real+g x1"]
+    assert cells["real+g x4"] == "4" and cells["real"] == "–"
+    # without a sweep: no ratio sentences, no ratio column
+    plain = summarise(_sweep_per_case().query("arm in ['real', 'real+g x1']"), n_bootstrap=50)
+    assert seg.best_ratios(plain).empty and "ratio sweep" not in rp.segmentation_paragraph(plain)
+    assert "synthetic ratio" not in rp.segmentation_tables(plain)[0].columns
+
+
+def test_protocol_record_of_a_weighted_sweep():
+    from medsynth.workflows.evaluate import _protocol_lines
+
+    params = {"mixing": "weighted", "synthetic_weight": 0.5, "synthetic_ratio": [0.5, 2], "iterations": 10}
+    stage = {"params": params, "seeds": [0], "n_real_patients": ["all"]}
+    pc = _sweep_per_case().query("synthetic_ratio in [0.5, 2]")
+    pc = pc.assign(arm_kind="real+synthetic", synthetic_batch_fraction=np.where(pc["synthetic_ratio"] == 2, 0.6, 0.3))
+    lines, table = _protocol_lines(stage, pc, 8)
+    row = table.iloc[0]
+    assert json.loads(row["synthetic_ratio"]) == [0.5, 2.0] and row["mixing"] == "weighted"
+    assert row["synthetic_weight"] == 0.5
+    assert json.loads(row["synthetic_batch_share_expected"]) == pytest.approx([0.5 / 1.5, 2 / 3])
+    assert json.loads(row["synthetic_batch_share_measured"]) == pytest.approx([0.3, 0.6])  # per ratio
+    text = " ".join(lines)
+    assert "sweep" in text and "weighted 0.5 times" in text and "batches 30%, 60%" in text

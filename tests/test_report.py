@@ -135,3 +135,48 @@ def test_samples_figure_has_a_row_per_set(tmp_path, n_sets):
     sets = [(f"fam{k}", sset(k)) for k in range(n_sets)]
     path = rp.plot_samples(sset(9), sets, tmp_path / "s.png", n=3)
     assert path.stat().st_size > 0
+
+
+def test_samples_show_the_image_itself_with_thin_label_contours(tmp_path, monkeypatch):
+    """The labels must not cover the appearance the figure compares: the grey image is drawn as it is, the
+    labels as thin contour lines (one per class present), named by a legend; every panel has a title."""
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from medsynth.data.slices import SliceSet
+
+    img = np.random.default_rng(0).random((3, 1, 16, 16)).astype(np.float32)
+    lab = np.zeros((3, 16, 16), np.uint8)
+    lab[:, 3:12, 3:12] = 2
+    lab[:, 5:10, 5:10] = 1
+    s = SliceSet(img, lab, pd.DataFrame({"subject_id": ["p1", "p2", "p3"], "phase": "ED", "slice_index": [0, 1, 2]}))
+    shown, contours, legends, titles = [], [], [], []
+    imshow, contour, legend, set_title = Axes.imshow, Axes.contour, Figure.legend, Axes.set_title
+
+    def spy_imshow(self, x, *a, **k):
+        shown.append(np.asarray(x))
+        return imshow(self, x, *a, **k)
+
+    def spy_contour(self, *a, **k):
+        contours.append(k)
+        return contour(self, *a, **k)
+
+    def spy_legend(self, *a, **k):
+        legends.append([h.get_label() for h in k.get("handles", [])])
+        return legend(self, *a, **k)
+
+    def spy_title(self, text, *a, **k):
+        titles.append(text)
+        return set_title(self, text, *a, **k)
+
+    monkeypatch.setattr(Axes, "imshow", spy_imshow)
+    monkeypatch.setattr(Axes, "contour", spy_contour)
+    monkeypatch.setattr(Figure, "legend", spy_legend)
+    monkeypatch.setattr(Axes, "set_title", spy_title)
+    path = rp.plot_samples(s, [("gmm", s)], tmp_path / "s.png", n=3)
+    assert path.stat().st_size > 0
+    assert len(shown) == 6 and all(x.ndim == 2 for x in shown)  # grey images, not a coloured overlay
+    assert np.array_equal(shown[0], img[0, 0])  # the pixels themselves, nothing painted over them
+    assert len(contours) == 6 * 2 and all(k["linewidths"] < 1.5 for k in contours)  # myo and lv, thin lines
+    assert legends == [["lv", "myo"]]
+    assert titles[:3] == ["p1 ED z0", "p2 ED z1", "p3 ED z2"]

@@ -226,6 +226,61 @@ def test_training_is_deterministic_when_runs_share_a_process(tmp_path) -> None:
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def test_concurrent_trainings_write_whole_attributable_lines(phantom, monkeypatch) -> None:
+    """Two U-Net seeds trained side by side (as the thread-pool task runner does): no progress bar fragments
+    (carriage returns, escape codes) reach the stream, and every line names the training it belongs to."""
+    import io
+    import logging
+    import re
+    import sys
+    import threading
+
+    from medsynth.evaluation.segmentation import train_unet
+    from medsynth.utils import progress
+
+    train, _ = phantom
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)  # where a tqdm bar would draw
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # a progress line after every step
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    medsynth_log = logging.getLogger("medsynth")
+    old_level = medsynth_log.level
+    medsynth_log.addHandler(handler)
+    medsynth_log.setLevel(logging.INFO)
+    cfg = SegmentationConfig(iterations=12, batch_size=4, image_size=32, channels=(4, 8), progress=True)
+    names = {seed: f"real+gmm n=5 seed {seed}" for seed in (0, 1)}
+    errors = []
+
+    def run(seed: int) -> None:
+        try:
+            train_unet(train, cfg, seed, name=names[seed])
+        except Exception as err:  # surfaced below: an exception in a thread would otherwise pass silently
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (0, 1)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        medsynth_log.removeHandler(handler)
+        medsynth_log.setLevel(old_level)
+    assert not errors, errors
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text  # no bar fragments
+    lines = [line for line in text.split("\n") if line]
+    owner = re.compile(r"^U-Net (real\+gmm n=5 seed [01]): ")
+    assert all(owner.match(line) for line in lines), [line for line in lines if not owner.match(line)][:3]
+    for seed, name in names.items():
+        mine = [line for line in lines if line.startswith(f"U-Net {name}: ")]
+        steps = [int(m.group(1)) for line in mine if (m := re.search(r": step (\d+)/12 ", line))]
+        assert steps == list(range(1, 12)), (seed, steps)  # every step's line, whole and in order
+        assert sum("expected ≈" in line for line in mine) == 1  # the announced length
+        assert any("done in" in line for line in mine)
+
+
 def test_roi_boxes_cover_each_case_once(phantom):
     _, test = phantom
     boxes = seg.roi_boxes(test, margin=0.25)

@@ -433,3 +433,64 @@ def test_cuda_fit_with_amp_resumes_and_returns_cpu_numpy(family, slices, two_dom
     back = GenerativeModel.load(tmp_path / "m")
     again = back.translate(data.images[:2]) if family == "cyclegan" else back.sample(2, seed=0).images
     np.testing.assert_array_equal(again, out)
+
+
+# ---- announcing the length of a fit, progress without garbled bars -------------------------------------------
+def test_long_fit_announces_its_expected_length_early(slices, caplog):
+    import logging
+    import re
+
+    with caplog.at_level(logging.INFO):
+        create_model("vae", {**AE, "steps": 12}).fit(slices, seed=0)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("medsynth")]
+    announced = [i for i, m in enumerate(messages) if "expected ≈" in m]
+    assert len(announced) == 1, messages
+    line = messages[announced[0]]
+    number = r"[\d.]+ (?:s|min|h)"
+    assert re.fullmatch(rf"fit vae: 12 steps × batch 8 on cpu; expected ≈ {number} \({number} for the first 5 steps\)",
+                        line), line  # fmt: skip
+    done = [i for i, m in enumerate(messages) if re.fullmatch(rf"fit vae: 12 steps in {number}", m)]
+    assert done and announced[0] < done[0]  # up front, not after the fact
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        create_model("vae", {**AE, "steps": 4}).fit(slices, seed=0)  # shorter than the timed steps
+    assert not [r for r in caplog.records if "expected ≈" in r.getMessage()]
+
+
+def test_expected_length_is_the_rate_of_the_first_steps(monkeypatch, caplog):
+    import logging
+
+    from medsynth.utils import progress
+
+    clock = iter(np.arange(0.0, 100.0, 0.42))  # 0.42 s per step
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(clock)))
+    with caplog.at_level(logging.INFO), progress.Progress(150, "fit toy", "150 steps × batch 4 on cpu") as p:
+        for _ in range(6):
+            p.update({"loss": 1.0})
+    (line,) = [r.getMessage() for r in caplog.records if "expected" in r.getMessage()]
+    assert line == "fit toy: 150 steps × batch 4 on cpu; expected ≈ 63 s (2.1 s for the first 5 steps)"
+    assert progress.format_seconds(4.6 * 60) == "4.6 min" and progress.format_seconds(3 * 3600) == "3.0 h"
+
+
+def test_one_bar_at_a_time_and_none_outside_the_main_thread(monkeypatch):
+    import threading
+
+    from medsynth.utils import progress
+
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(progress.bar_allowed()))
+    t.start()
+    t.join()
+    assert seen == [False]  # a task runner's worker thread logs lines instead
+    monkeypatch.setattr(progress, "bar_allowed", lambda: True)  # as on a terminal
+    first = progress.Progress(10, "fit a", "10 steps")
+    second = progress.Progress(10, "fit b", "10 steps")
+    try:
+        assert first.bar and not second.bar  # the second would draw over the first one's line
+    finally:
+        second.close()
+        first.close()
+    third = progress.Progress(10, "fit c", "10 steps", enabled=True)
+    assert third.bar
+    third.close()
+    assert not progress.Progress(10, "fit d", "10 steps", enabled=False).bar

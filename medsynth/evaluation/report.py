@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medsynth.labels import LV, MVO, MYO, RV, SCAR
 from medsynth.utils.atomic import atomic_file
 
 log = logging.getLogger(__name__)
@@ -356,7 +357,34 @@ def segmentation_paragraph(summary: pd.DataFrame, unit: str = "mm", ci: float = 
         head = "No arm with synthetic data beat real-only with a CI above zero."
     if hurt:
         head += " Worse than real-only, with the CI below zero: " + "; ".join(hurt) + "."
-    return head + "\n\n" + "\n".join(lines)
+    ratios = ratio_paragraph(summary, pct)
+    return head + "\n\n" + "\n".join(lines) + (f"\n\n{ratios}" if ratios else "")
+
+
+def ratio_paragraph(summary: pd.DataFrame, pct: str = "95 %") -> str:
+    """Which synthetic ratio was best at each learning-curve point, in words, and whether its CI overlaps
+    the other ratios' (from :func:`medsynth.evaluation.segmentation.best_ratios`); empty without a sweep."""
+    from medsynth.evaluation.segmentation import best_ratios
+
+    best = best_ratios(summary)
+    if best.empty:
+        return ""
+    lines = ["Synthetic ratio sweep (synthetic slices per real slice), best ratio per number of real patients:"]
+    for _, b in best.iterrows():
+        others = b["overlapping"].split(";") if b["overlapping"] else []
+        if len(others) > 1:
+            overlap = f"its CI overlaps those of ratios {', '.join(others)}: the data do not tell these apart from it"
+        elif others:
+            overlap = f"its CI overlaps that of ratio {others[0]}: the data do not tell the two apart"
+        else:
+            overlap = "its CI overlaps no other ratio's: the data tell it apart from every other ratio"
+        lines.append(
+            f"- **{b['synthetic_set']}** with {b['n_real_patients']} real patients: ratio {b['best_ratio']:g} "
+            f"({b['best_arm']}, mean Dice {b['dice_mean']:.3f}, {100 * b['dice_diff']:+.1f} Dice points over "
+            f"real-only, {pct} CI {100 * b['dice_diff_ci_low']:+.1f} to {100 * b['dice_diff_ci_high']:+.1f}) of "
+            f"the ratios {b['ratios'].replace(';', ', ')}; {overlap}."
+        )
+    return "\n".join(lines)
 
 
 def reach_paragraph(reach: list[dict]) -> str:
@@ -392,6 +420,21 @@ def segmentation_tables(summary: pd.DataFrame, unit: str = "mm") -> tuple[pd.Dat
     def pm(mean, std, spec: str) -> str:
         return fmt(mean, spec) + ("" if pd.isna(std) or pd.isna(mean) else f" ± {spec.format(std)}")
 
+    from medsynth.evaluation.segmentation import best_ratios
+
+    best = best_ratios(summary)
+    best_at = {(b["best_arm"], int(b["n_real_patients"])): b for _, b in best.iterrows()}
+
+    def ratio_cell(r) -> str:
+        ratio = r.get("synthetic_ratio")
+        if pd.isna(ratio):
+            return "–"
+        b = best_at.get((r["arm"], int(r["n_real_patients"])))
+        if b is None:
+            return f"{ratio:g}"
+        tie = f"; CI overlaps {b['overlapping'].replace(';', ', ')}" if b["overlapping"] else ""
+        return f"{ratio:g} (best at this n{tie})"
+
     curve, per_class = [], []
     for _, r in summary.iterrows():
         ref = "" if r["arm"] == "real" or pd.isna(r.get("reference_n")) else f" (vs real n={int(r['reference_n'])})"
@@ -408,6 +451,8 @@ def segmentation_tables(summary: pd.DataFrame, unit: str = "mm") -> tuple[pd.Dat
                     f"Δ HD95 ({unit}) [CI]": diff(r, "hd95", 1.0, "{:+.1f}"),
                 }
             )
+            if not best.empty:  # a ratio sweep: which ratio each arm used and which was best
+                curve[-1]["synthetic ratio"] = ratio_cell(r)
         else:
             per_class.append(
                 {
@@ -466,21 +511,31 @@ def _panel_title(row: pd.Series, i: int) -> str:
     return " ".join(parts)
 
 
+#: Contours drawn myocardium first: its inner line is the LV's outline and its outer line borders the RV, so
+#: the LV and RV contours drawn after it stay visible; scar and MVO (inside the myocardium) last.
+_CONTOUR_ORDER = (MYO, RV, LV, SCAR, MVO)
+
+
 def plot_samples(
     real, synth_sets: list[tuple[str, object]], path: str | Path, n: int = 6, first: str = "real (held-out)"
 ) -> Path:
-    """Rows: real slices, then each synthetic set (side by side for comparison), labels overlaid in the
-    colours of ``medsynth inspect`` with a legend; each row's first panel names its set. ``real`` and the sets
-    are SliceSets (images (N, 1, H, W) normalised, labels (N, H, W))."""
-    from matplotlib.patches import Patch
+    """Rows: real slices, then each synthetic set (side by side for comparison). Each panel is the grey image
+    with its labels drawn as thin contours in the colours of ``medsynth inspect`` (an opaque fill would hide the
+    appearance the figure is there to compare), titled with subject / phase / slice; a legend names the
+    contour colours and each row's first panel names its set. One grey window for every panel (0 to the
+    99.5th percentile of the real images), so brightness differences between real and synthetic show.
+    ``real`` and the sets are SliceSets (images (N, 1, H, W) normalised, labels (N, H, W))."""
+    from matplotlib.lines import Line2D
 
-    from medsynth.data.inspect import COLOURS, overlay
+    from medsynth.data.inspect import COLOURS
     from medsynth.labels import CANONICAL
 
     plt = _plt()
     rows = [(first, real)] + list(synth_sets)
+    vmax = float(np.percentile(real.images, 99.5)) if len(real) else 1.0
+    vmax = vmax if np.isfinite(vmax) and vmax > 0 else 1.0
     fig, axes = plt.subplots(
-        len(rows), n, figsize=(1.9 * n, 2.05 * len(rows) + 0.6), squeeze=False, layout="constrained"
+        len(rows), n, figsize=(1.9 * n, 2.05 * len(rows) + 0.7), squeeze=False, layout="constrained"
     )
     present = set()
     for r, (name, s) in enumerate(rows):
@@ -493,17 +548,22 @@ def plot_samples(
                 sp.set_visible(False)
             if c < len(idx):
                 i = idx[c]
-                present |= set(np.unique(s.labels[i]).tolist())
-                ax.imshow(overlay(s.images[i, 0], s.labels[i]), interpolation="nearest")
+                lab = s.labels[i]
+                ax.imshow(s.images[i, 0], cmap="gray", vmin=0.0, vmax=vmax, interpolation="nearest")
+                for code in _CONTOUR_ORDER:
+                    mask = lab == code
+                    if mask.any():
+                        present.add(code)
+                        # the class mask's half-level line, on the pixel boundary
+                        ax.contour(mask.astype(np.float32), levels=[0.5], colors=[COLOURS[code]], linewidths=0.7)
                 ax.set_title(_panel_title(s.meta.iloc[i], i), fontsize=6)
         axes[r, 0].set_ylabel(name, fontsize=9, fontweight="bold")
-    handles = [Patch(color=col, label=CANONICAL[k]) for k, col in COLOURS.items() if k in present] or [
-        Patch(color=col, label=CANONICAL[k]) for k, col in COLOURS.items()
-    ]
+    shown = [k for k in COLOURS if k in present] or list(COLOURS)
+    handles = [Line2D([], [], color=COLOURS[k], lw=1.5, label=CANONICAL[k]) for k in shown]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False,
-               title="label overlay", title_fontsize=8)  # fmt: skip
-    fig.suptitle("Real vs synthetic slices (one row per set; labels overlaid)", fontsize=9)
+               title="label contours", title_fontsize=8)  # fmt: skip
+    fig.suptitle("Real vs synthetic slices (one row per set; labels as contours)", fontsize=9)
     with atomic_file(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return Path(path)

@@ -12,10 +12,16 @@ seed the real training patients are put in one seeded random order (:func:`patie
 first n of it, so the subsets are nested (the 2 patients of n=2 are among the 4 of n=4) and patient-level;
 a test patient in the training split is an error. The mixing of synthetic slices into a batch is
 ``mixing``: ``pool`` (real and synthetic slices drawn uniformly from one pool: expected synthetic share
-ratio / (1 + ratio)) or ``per_batch`` (exactly ``round(synthetic_batch_share × batch_size)`` synthetic
-slices in every batch). Every arm gets the same standard augmentation (:class:`AugmentationConfig`), so a
-gain from synthetic data is more than "any augmentation". The effective ratio, mixing, share and the
+ratio / (1 + ratio)), ``per_batch`` (exactly ``round(synthetic_batch_share × batch_size)`` synthetic
+slices in every batch) or ``weighted`` (drawn as ``pool``, but a synthetic slice's loss counts
+``synthetic_weight`` times a real one's: the batch loss is the weighted mean Σ wᵢ lᵢ / Σ wᵢ of the per-slice
+DiceCE losses). Every arm gets the same standard augmentation (:class:`AugmentationConfig`), so a gain from
+synthetic data is more than "any augmentation". The effective ratio, mixing, share, weight and the
 augmentation are columns of the per-case table.
+
+Ratio sweep: ``synthetic_ratio`` may be a list (e.g. ``[0.5, 1, 2, 4]``); then every real+synthetic arm runs
+once per ratio, named with it (``real+gmm x0.5``, ``real+gmm x1``, …), each paired against real-only at the
+same n, so the best ratio is measured (:func:`best_ratios`), not assumed.
 
 A seed fixes the patient order, the synthetic draw, the initialisation and the batches, so arms sharing a
 seed and n form a paired comparison. Test slices are grouped into volumes by ``meta['case']`` and ordered by
@@ -33,7 +39,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from typing import TYPE_CHECKING, Literal
 
@@ -41,12 +46,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt, field_validator
-from tqdm.auto import tqdm
+from pydantic import Field, NonNegativeFloat, PositiveInt, field_validator, model_validator
 
-from medsynth.config import StrictModel
+from medsynth.config import KeyProblem, StrictModel
 from medsynth.errors import TrainingError
 from medsynth.labels import CANONICAL, N_CLASSES
+from medsynth.utils.progress import Progress
 from medsynth.utils.seeding import exclusive_global_rng, rng, seed_everything
 
 if TYPE_CHECKING:
@@ -94,11 +99,14 @@ class SegmentationConfig(StrictModel):
     num_res_units: int = 1
     seeds: list[int] = [0, 1, 2]
     arms: list[str] = list(ARMS)
-    #: synthetic slices per real slice in the real+synthetic arms
-    synthetic_ratio: float = Field(1.0, ge=0)
-    #: ``pool``: one pool, uniform draws; ``per_batch``: a fixed synthetic share of every batch
-    mixing: Literal["pool", "per_batch"] = "pool"
+    #: synthetic slices per real slice in the real+synthetic arms; a list is a sweep (one arm per ratio)
+    synthetic_ratio: NonNegativeFloat | list[NonNegativeFloat] = 1.0
+    #: ``pool``: one pool, uniform draws; ``per_batch``: a fixed synthetic share of every batch;
+    #: ``weighted``: uniform draws, a synthetic slice's loss weighted by ``synthetic_weight``
+    mixing: Literal["pool", "per_batch", "weighted"] = "pool"
     synthetic_batch_share: float = Field(0.5, ge=0, le=1)  # per_batch only
+    #: weighted only: loss weight of a synthetic slice relative to a real one (1 = the same as pool)
+    synthetic_weight: float = Field(1.0, gt=0)
     #: one learning-curve point (kept for the CLI and the translation evaluation); ``n_real_patients`` wins
     n_train_patients: PositiveInt | None = None
     #: learning curve: numbers of real training patients (``"all"`` = the whole training split)
@@ -113,7 +121,7 @@ class SegmentationConfig(StrictModel):
     #: then get several times more U-Net pixels. ``"none"``: the whole slice.
     roi: Literal["none", "heart"] = "none"
     roi_margin: float = Field(0.3, ge=0.0, le=2.0)  # added on each side, as a fraction of the box side
-    progress: bool = True  # tqdm bar over training iterations (stderr)
+    progress: bool = True  # a tqdm bar (main thread, terminal) or progress log lines (worker threads / processes)
     #: CLI only: seeded patient-level test fraction when the manifest has no split.
     test_fraction: float = 0.3
     split_seed: int = 0
@@ -123,19 +131,54 @@ class SegmentationConfig(StrictModel):
     def _check_curve(cls, v: list | None) -> list | None:
         return v if v is None else check_n_real_patients(v)
 
+    @field_validator("synthetic_ratio")
+    @classmethod
+    def _check_ratios(cls, v: float | list[float]) -> float | list[float]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("synthetic_ratio: give a number or a non-empty list of numbers (a sweep)")
+            if len(set(v)) != len(v):
+                raise ValueError(f"synthetic_ratio: repeated entries in {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _weight_needs_weighted(self) -> SegmentationConfig:
+        # a weight that the mixing ignores would be recorded but never applied
+        if self.synthetic_weight != 1.0 and self.mixing != "weighted":
+            raise KeyProblem(
+                "synthetic_weight",
+                f"{self.synthetic_weight:g} only applies with mixing: weighted (mixing is {self.mixing!r})",
+            )
+        return self
+
+    def ratios(self) -> list[float]:
+        """The synthetic:real ratios of the real+synthetic arms (one entry unless ``synthetic_ratio`` is a sweep)."""
+        r = self.synthetic_ratio
+        return [float(x) for x in r] if isinstance(r, list) else [float(r)]
+
+    @property
+    def sweep(self) -> bool:
+        """Several ratios: the real+synthetic arm names carry their ratio."""
+        return len(self.ratios()) > 1
+
     def curve(self) -> list[int | str]:
         """The learning-curve points: ``n_real_patients``, else ``[n_train_patients or "all"]``."""
         if self.n_real_patients is not None:
             return list(self.n_real_patients)
         return [self.n_train_patients if self.n_train_patients is not None else "all"]
 
-    def synthetic_share(self) -> float:
-        """Expected fraction of synthetic slices in a real+synthetic batch."""
-        if self.synthetic_ratio <= 0:
+    def synthetic_share(self, ratio: float | None = None) -> float:
+        """Expected fraction of synthetic slices in a real+synthetic batch at ``ratio`` (default: the first)."""
+        ratio = self.ratios()[0] if ratio is None else float(ratio)
+        if ratio <= 0:
             return 0.0
         if self.mixing == "per_batch":
             return round(self.synthetic_batch_share * self.batch_size) / self.batch_size
-        return self.synthetic_ratio / (1.0 + self.synthetic_ratio)
+        return ratio / (1.0 + ratio)
+
+    def effective_weight(self) -> float:
+        """Loss weight of a synthetic slice relative to a real one (1 unless ``mixing`` is ``weighted``)."""
+        return float(self.synthetic_weight) if self.mixing == "weighted" else 1.0
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -283,31 +326,23 @@ def make_unet(cfg: SegmentationConfig) -> torch.nn.Module:
     )
 
 
-#: Trainings running now (threads of a task runner): a second concurrent one draws no tqdm bar of its own,
-#: so two seeds never garble each other's line; both still log their start, estimate and end.
-_ACTIVE = {"n": 0}
-_ACTIVE_LOCK = threading.Lock()
-
-
 @exclusive_global_rng
 def train_unet(train: SliceSet, cfg: SegmentationConfig, seed: int, name: str = "") -> tuple[torch.nn.Module, dict]:
     """Train the U-Net on ``train`` for ``cfg.iterations`` batches (DiceCE loss, Adam, cosine LR).
 
     Uses ``cfg.num_threads`` torch threads during training (restored afterwards): on a busy 2-core machine
-    1 thread is often several times faster than 2. ``name`` labels the log lines and the progress bar.
+    1 thread is often several times faster than 2. ``name`` labels the log lines and the progress bar (arm,
+    n and seed in the protocol). After the first steps one line announces the expected length; progress is a
+    tqdm bar only in the main thread on a terminal, else (the worker threads of a task runner, where several
+    seeds run side by side) whole log lines naming the training (:class:`medsynth.utils.progress.Progress`).
     """
     if len(train) == 0:
         raise ValueError("train: empty training set")
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, cfg.num_threads))
-    with _ACTIVE_LOCK:
-        _ACTIVE["n"] += 1
-        alone = _ACTIVE["n"] == 1
     try:
-        return _train(train, cfg, seed, name or f"seed {seed}", show_bar=cfg.progress and alone)
+        return _train(train, cfg, seed, name or f"seed {seed}", show_bar=cfg.progress)
     finally:
-        with _ACTIVE_LOCK:
-            _ACTIVE["n"] -= 1
         torch.set_num_threads(prev_threads)
 
 
@@ -336,6 +371,8 @@ def _train(
     origin = train.meta["origin"].astype(str).to_numpy() if "origin" in train.meta else np.full(len(train), "real")
     model = make_unet(cfg)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    weighted = cfg.mixing == "weighted"
+    syn_mask = torch.from_numpy(origin == "synthetic")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iterations)
     model.train()
@@ -345,28 +382,28 @@ def _train(
     )  # fmt: skip
     t0 = time.perf_counter()
     loss_v = float("nan")
-    steps = tqdm(range(cfg.iterations), desc=f"U-Net {name}", disable=not show_bar, leave=False, mininterval=2.0)
     n_syn = n_seen = 0
-    announce_at = min(5, cfg.iterations)
-    for it in steps:
-        idx = _batch_indices(origin, cfg, gen)
-        n_syn += int((origin[idx.numpy()] == "synthetic").sum())
-        n_seen += len(idx)
-        x, y = x_all[idx], y_all[idx]
-        if cfg.augment:
-            x, y = _augment(x, y, gen, cfg.augmentation)
-        loss = loss_fn(model(x), y[:, None])
-        if not torch.isfinite(loss):
-            raise TrainingError(f"segmentation U-Net: non-finite loss at step {it}")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_v = float(loss.detach())
-        if it + 1 == announce_at and cfg.iterations > announce_at:
-            per_step = (time.perf_counter() - t0) / announce_at
-            log.info("U-Net %s: ~%.0f s expected (%.2f s/step over the first %d)", name,
-                     per_step * cfg.iterations, per_step, announce_at)  # fmt: skip
+    what = f"{cfg.iterations} steps × batch {cfg.batch_size} on cpu"
+    with Progress(cfg.iterations, f"U-Net {name}", what, enabled=show_bar, logger=log) as progress:
+        for it in range(cfg.iterations):
+            idx = _batch_indices(origin, cfg, gen)
+            n_syn += int((origin[idx.numpy()] == "synthetic").sum())
+            n_seen += len(idx)
+            x, y = x_all[idx], y_all[idx]
+            if cfg.augment:
+                x, y = _augment(x, y, gen, cfg.augmentation)
+            if weighted:
+                loss = weighted_loss(model(x), y, sample_weights(syn_mask[idx], cfg.synthetic_weight))
+            else:
+                loss = loss_fn(model(x), y[:, None])
+            if not torch.isfinite(loss):
+                raise TrainingError(f"segmentation U-Net: non-finite loss at step {it}")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_v = float(loss.detach())
+            progress.update({"loss": loss_v})
     model.eval()
     seconds = time.perf_counter() - t0
     log.info("U-Net %s: done in %.1f s, final loss %.3f", name, seconds, loss_v)
@@ -378,6 +415,29 @@ def _train(
         "synthetic_batch_fraction": n_syn / n_seen if n_seen else 0.0,
         "real_patients": real_patients(train),
     }
+
+
+def sample_weights(synthetic: torch.Tensor, synthetic_weight: float) -> torch.Tensor:
+    """Per-slice loss weights (B,) float32: ``synthetic_weight`` where ``synthetic`` (B,) bool is true, else 1."""
+    return torch.where(synthetic, torch.tensor(float(synthetic_weight)), torch.tensor(1.0)).float()
+
+
+def per_sample_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """DiceCE loss of every slice (B,): soft Dice loss averaged over classes (background included) plus the
+    pixel-mean cross-entropy, for logits (B, C, s, s) and integer targets (B, s, s). Its mean over the batch is
+    MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` of the batch."""
+    from monai.losses import DiceLoss
+
+    dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")(logits, target[:, None])
+    ce = F.cross_entropy(logits, target, reduction="none")
+    return dice.flatten(1).mean(1) + ce.flatten(1).mean(1)
+
+
+def weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean Σ wᵢ lᵢ / Σ wᵢ of :func:`per_sample_loss` with weights (B,) (``mixing: weighted``)."""
+    losses = per_sample_loss(logits, target)
+    w = weights.to(losses.dtype)
+    return (w * losses).sum() / w.sum()
 
 
 def _augment(
@@ -507,22 +567,43 @@ def evaluate_cases(
 # --------------------------------------------------------------------------------------------- protocol
 
 
-def arm_plan(kinds: list[str], set_names: list[str]) -> list[tuple[str, str, str]]:
-    """``(arm name, kind, synthetic set)`` per arm: ``real``; per set ``real+<set>`` and ``<set> only`` (a
-    single unnamed set, called ``synthetic``, keeps the kind names ``real+synthetic`` and ``synthetic``)."""
+def ratio_sweep(params: dict) -> list[float]:
+    """The ratios of a sweep in segmentation ``params`` (a run config's ``evaluation.segmentation.params``);
+    empty when ``synthetic_ratio`` is one number (no sweep: the arms keep their plain names)."""
+    cfg = SegmentationConfig(**params)
+    return cfg.ratios() if cfg.sweep else []
+
+
+def ratio_label(ratio: float) -> str:
+    """A ratio as it appears in arm names: ``x0.5``, ``x1``, ``x2``."""
+    return f"x{float(ratio):g}"
+
+
+def arm_plan(
+    kinds: list[str], set_names: list[str], ratios: list[float] | None = None
+) -> list[tuple[str, str, str, float]]:
+    """``(arm name, kind, synthetic set, ratio)`` per arm: ``real``; per set ``real+<set>`` and ``<set> only``
+    (a single unnamed set, called ``synthetic``, keeps the kind names ``real+synthetic`` and ``synthetic``).
+
+    With several ``ratios`` (a sweep) each set has one real+synthetic arm per ratio, named with it
+    (``real+gmm x2``); the ratio of the other arms is NaN (all synthetic slices, or none)."""
     unknown = set(kinds) - set(ARMS)
     if unknown:
         raise ValueError(f"arms: unknown {sorted(unknown)}; allowed: {', '.join(ARMS)}")
+    ratios = list(ratios) if ratios else [1.0]
+    nan = float("nan")
     plan = []
     for kind in kinds:
         if kind == "real":
-            plan.append(("real", "real", ""))
+            plan.append(("real", "real", "", nan))
             continue
         for name in set_names:
             if kind == "real+synthetic":
-                plan.append((f"real+{name}", kind, name))
+                for r in ratios:
+                    suffix = f" {ratio_label(r)}" if len(ratios) > 1 else ""
+                    plan.append((f"real+{name}{suffix}", kind, name, float(r)))
             else:
-                plan.append((name if name == "synthetic" else f"{name} only", kind, name))
+                plan.append((name if name == "synthetic" else f"{name} only", kind, name, nan))
     return plan
 
 
@@ -531,21 +612,31 @@ def run_segmentation_protocol(
     real_test: SliceSet,
     synthetic: SliceSet | dict[str, SliceSet] | None,
     config: SegmentationConfig | None = None,
+    only_ratios: list[float] | None = None,
 ) -> pd.DataFrame:
     """Train every arm × learning-curve point × seed and evaluate on ``real_test``; the per-case long table.
 
     ``synthetic``: one set, or named sets (e.g. one per family: each gets its own ``real+<name>`` and
     ``<name> only`` arm). The real arms run for every n of ``config.curve()``; the synthetic-only arms once per
-    seed (``n_real_patients`` 0). Columns: arm, arm_kind, synthetic_set, seed, n_real_patients,
-    n_train_slices, n_synthetic_slices, synthetic_ratio, mixing, synthetic_batch_fraction (measured share of
-    synthetic slices over all batches), augmentation (JSON), train_patients (``;``-joined ids of the real
-    patients trained on), case, subject_id, class, dice, hd95, hd95_unit, train_seconds. Aggregate with
+    seed (``n_real_patients`` 0). With a ratio sweep (``synthetic_ratio`` a list) every real+synthetic arm runs
+    once per ratio (:func:`arm_plan`); ``only_ratios`` restricts those arms to some of the ratios (a flow task
+    trains one of them; the arm names still say the ratio). Columns: arm, arm_kind, synthetic_set, seed,
+    n_real_patients, n_train_slices, n_synthetic_slices, synthetic_ratio, mixing, synthetic_weight (loss weight
+    of a synthetic slice; 1 unless mixing is weighted), synthetic_batch_fraction (measured share of synthetic
+    slices over all batches), augmentation (JSON), train_patients (``;``-joined ids of the real patients
+    trained on), case, subject_id, class, dice, hd95, hd95_unit, train_seconds. Aggregate with
     :func:`per_seed_table` and :func:`summarise`.
     """
     cfg = config or SegmentationConfig()
     named = synthetic if isinstance(synthetic, dict) else {"synthetic": synthetic}
     sets = {k: v for k, v in named.items() if v is not None and len(v)}
-    plan = arm_plan(cfg.arms, sorted(sets))
+    plan = arm_plan(cfg.arms, sorted(sets), cfg.ratios())
+    if only_ratios is not None:
+        unknown = {float(r) for r in only_ratios} - set(cfg.ratios())
+        if unknown:
+            raise ValueError(f"synthetic_ratio: {sorted(unknown)} not among the configured ratios {cfg.ratios()}")
+        keep = {float(r) for r in only_ratios}
+        plan = [p for p in plan if p[1] != "real+synthetic" or p[3] in keep]
     if not sets and any(kind != "real" for kind in cfg.arms):
         log.info("no synthetic set: running the real-only arm")
     if len(real_test) == 0:
@@ -559,8 +650,8 @@ def run_segmentation_protocol(
     aug_json = json.dumps(cfg.augmentation.model_dump() if cfg.augment else None, sort_keys=True)
     out = []
 
-    def run(arm: str, kind: str, set_name: str, seed: int, real: SliceSet | None) -> None:
-        train = build_arm(kind, real, sets.get(set_name), cfg.synthetic_ratio, seed)
+    def run(arm: str, kind: str, set_name: str, ratio: float, seed: int, real: SliceSet | None) -> None:
+        train = build_arm(kind, real, sets.get(set_name), ratio, seed)
         model, info = train_unet(train, cfg, seed, name=f"{arm} n={len(real_patients(train))} seed {seed}")
         if set(info["real_patients"]) & set(_subjects(real_test)):
             raise RuntimeError("a test patient reached the training set")  # guarded above; never expected
@@ -573,8 +664,9 @@ def run_segmentation_protocol(
             "n_real_patients": len(info["real_patients"]),
             "n_train_slices": info["n_train_slices"],
             "n_synthetic_slices": info["n_synthetic_slices"],
-            "synthetic_ratio": cfg.synthetic_ratio if kind == "real+synthetic" else float("nan"),
+            "synthetic_ratio": ratio if kind == "real+synthetic" else float("nan"),
             "mixing": cfg.mixing if kind == "real+synthetic" else "",
+            "synthetic_weight": cfg.effective_weight() if kind == "real+synthetic" else float("nan"),
             "synthetic_batch_fraction": info["synthetic_batch_fraction"],
             "augmentation": aug_json,
             "train_patients": ";".join(info["real_patients"]),
@@ -588,12 +680,12 @@ def run_segmentation_protocol(
     for seed in cfg.seeds:
         for n in curve:
             real = select_patients(real_train, n, seed)
-            for arm, kind, set_name in plan:
+            for arm, kind, set_name, ratio in plan:
                 if kind != "synthetic":
-                    run(arm, kind, set_name, seed, real)
-        for arm, kind, set_name in plan:
+                    run(arm, kind, set_name, ratio, seed, real)
+        for arm, kind, set_name, ratio in plan:
             if kind == "synthetic":
-                run(arm, kind, set_name, seed, None)
+                run(arm, kind, set_name, ratio, seed, None)
     return pd.concat(out, ignore_index=True)
 
 
@@ -640,13 +732,22 @@ def summarise(per_case: pd.DataFrame, n_bootstrap: int = 1000, ci: float = 0.95,
     """Per arm × n real patients × class (plus class 'mean' over classes): mean ± std over seeds, a bootstrap
     CI over test cases of the (seed-averaged) mean, and the paired difference to the real-only arm at the same
     n (:func:`reference_n`; per case, averaged over seeds) with a percentile bootstrap CI over test cases.
-    ``reference_n`` names the real-only point each difference is against (empty for the real arm)."""
+    ``reference_n`` names the real-only point each difference is against (empty for the real arm);
+    ``synthetic_set`` and ``synthetic_ratio`` (when the per-case table has them) say which set and ratio an
+    arm trained with (empty / NaN for real-only and synthetic-only), for :func:`best_ratios`."""
     from medsynth.evaluation.fidelity import bootstrap_mean_ci
 
     pc = per_case.copy()
     if "n_real_patients" not in pc:
         pc["n_real_patients"] = 0
     keys = ["arm", "n_real_patients", "seed", "case"]
+    # which synthetic set and ratio each arm trained with (one per arm; the class-mean rows do not carry them)
+    arm_keys: dict[str, dict] = {}
+    for key, missing in (("synthetic_set", ""), ("synthetic_ratio", float("nan"))):
+        if key in pc:
+            for arm, vals in pc.groupby("arm", sort=False)[key]:
+                vals = vals.dropna()
+                arm_keys.setdefault(arm, {})[key] = vals.iloc[0] if len(vals) else missing
     mean_cls = pc.groupby(keys, sort=False)[["dice", "hd95"]].mean().reset_index()
     mean_cls["class"] = "mean"
     pc = pd.concat([pc, mean_cls], ignore_index=True)
@@ -669,6 +770,7 @@ def summarise(per_case: pd.DataFrame, n_bootstrap: int = 1000, ci: float = 0.95,
         _, row["dice_ci_low"], row["dice_ci_high"] = (
             bootstrap_mean_ci(per_case_dice, n_bootstrap, ci, seed) if len(per_case_dice) else (0, np.nan, np.nan)
         )
+        row.update(arm_keys.get(arm, {}))
         ref = reference_n(int(n), real_ns) if arm != "real" else None
         row["reference_n"] = ref if ref is not None else pd.NA
         for metric in ("dice", "hd95"):
@@ -715,3 +817,44 @@ def reach_statements(summary: pd.DataFrame) -> list[dict]:
                 }
             )
     return out
+
+
+def best_ratios(summary: pd.DataFrame) -> pd.DataFrame:
+    """The measured best synthetic ratio per synthetic set and learning-curve point (class ``mean``).
+
+    Only where a set has real+synthetic arms at two or more ratios at that n (a sweep). One row per (set, n):
+    ``best_arm`` / ``best_ratio`` (the highest mean Dice), its paired difference to real-only (``dice_diff``
+    with ``dice_diff_ci_low`` / ``high``, fractions), ``overlapping`` (``;``-joined ratios whose Δ-Dice CI
+    overlaps the best one's: the data do not tell those apart from the best) and ``ratios`` (all measured)."""
+    cols = ["synthetic_set", "n_real_patients", "best_arm", "best_ratio", "dice_mean", "dice_diff",
+            "dice_diff_ci_low", "dice_diff_ci_high", "overlapping", "ratios"]  # fmt: skip
+    if "synthetic_ratio" not in summary or "synthetic_set" not in summary:
+        return pd.DataFrame(columns=cols)
+    m = summary[(summary["class"] == "mean") & summary["synthetic_ratio"].notna() & (summary["arm"] != "real")]
+    rows = []
+    for (set_name, n), g in m.groupby(["synthetic_set", "n_real_patients"], sort=True):
+        if g["synthetic_ratio"].nunique() < 2:
+            continue
+        g = g.sort_values("synthetic_ratio")
+        best = g.loc[g["dice_mean"].idxmax()]
+        lo, hi = best["dice_diff_ci_low"], best["dice_diff_ci_high"]
+        overlapping = [
+            f"{r['synthetic_ratio']:g}"
+            for _, r in g.iterrows()
+            if r["arm"] != best["arm"] and pd.notna(lo) and r["dice_diff_ci_low"] <= hi and lo <= r["dice_diff_ci_high"]
+        ]
+        rows.append(
+            {
+                "synthetic_set": set_name,
+                "n_real_patients": int(n),
+                "best_arm": best["arm"],
+                "best_ratio": float(best["synthetic_ratio"]),
+                "dice_mean": float(best["dice_mean"]),
+                "dice_diff": float(best["dice_diff_vs_real"]),
+                "dice_diff_ci_low": float(lo),
+                "dice_diff_ci_high": float(hi),
+                "overlapping": ";".join(overlapping),
+                "ratios": ";".join(f"{r:g}" for r in g["synthetic_ratio"]),
+            }
+        )
+    return pd.DataFrame(rows, columns=cols)

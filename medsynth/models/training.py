@@ -1,5 +1,8 @@
 """The one torch training loop of the neural families: several optimiser steps, EMA, LR schedules, gradient
-clipping, mixed precision on CUDA, checkpoint/resume, a NaN guard and a progress bar.
+clipping, mixed precision on CUDA, checkpoint/resume, a NaN guard and progress: after the first few iterations
+one INFO line announces the expected length of the fit (``fit vae: 1500 steps × batch 32 on cpu; expected ≈
+4.6 min (…)``), then a tqdm bar where it is the only one on the terminal, else whole log lines
+(:mod:`medsynth.utils.progress`).
 
 Network, maths and loop are kept apart (MONAI style): the family builds the networks and writes the loss
 closures; :func:`train_loop` only schedules them. One *iteration* draws one batch and runs the
@@ -27,6 +30,7 @@ import contextlib
 import copy
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from medsynth.errors import InputFileError, TrainingError
 from medsynth.utils.atomic import atomic_file
+from medsynth.utils.progress import Progress, format_seconds
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +334,11 @@ def train_loop(
 
     for m in modules.values():
         m.train()
-    bar = tqdm(range(start, iterations), desc=desc, disable=not progress, leave=False, initial=start,
-               total=iterations)  # fmt: skip
+    work = f"{iterations - start} steps × batch {batch_size} on {device}" + (f" (from step {start})" if start else "")
+    bar = Progress(iterations, desc, work, initial=start, enabled=progress, logger=log)
+    t0 = time.perf_counter()
     try:
-        for it in bar:
+        for it in range(start, iterations):
             batch = draw_batch(data, batch_size, it, seed)
             if prepare is not None:
                 with precision():
@@ -366,14 +371,15 @@ def train_loop(
                     st.scheduler.step()
             record(row, it)
             result.step = it + 1
-            if progress and main in row:
-                bar.set_postfix({k: f"{row[k]:.4g}" for k in names if k in row})
+            bar.update({k: row[k] for k in names if k in row} if main in row else None)
             if ckpt_path is not None and checkpoint_every > 0 and (it + 1) % checkpoint_every == 0:
                 checkpoint(it + 1)
     finally:
         for m in trained:
             m.requires_grad_(True)
         bar.close()
+    if result.step > start:
+        log.info("%s: %d steps in %s", desc, result.step - start, format_seconds(time.perf_counter() - t0))
     if ckpt_path is not None and result.step > start:
         checkpoint(result.step)
     for m in modules.values():

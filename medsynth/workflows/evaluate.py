@@ -63,9 +63,12 @@ def segmentation_arm(
     seed: int,
     params: dict[str, Any],
     n_real: int | str = "all",
+    ratio: float | None = None,
 ) -> dict[str, Any]:
     """Train one U-Net (one arm kind, one learning-curve point ``n_real``, one seed) and evaluate it per
-    patient on the held-out real test split. Each synthetic record is one named set (``real+<name>``)."""
+    patient on the held-out real test split. Each synthetic record is one named set (``real+<name>``).
+    ``ratio``: with a ratio sweep in ``params`` (``synthetic_ratio`` a list), the one ratio this call trains
+    (the arm is named with it, ``real+<name> x<ratio>``); None trains every configured ratio."""
     from medsynth.config import validate
     from medsynth.evaluation.segmentation import SegmentationConfig, run_segmentation_protocol
 
@@ -77,6 +80,8 @@ def segmentation_arm(
         "n_real": n_real,
         "params": params,
     }
+    if ratio is not None:  # only then: the cache keys of runs without a sweep stay what they were
+        inputs["ratio"] = float(ratio)
 
     def build(tmp: Path) -> dict[str, Any]:
         cfg = validate(
@@ -87,7 +92,8 @@ def segmentation_arm(
         train = load_split(slices_record, "train")
         test = _reference_split(slices_record)
         synth = {r["name"]: SliceSet.load(artefact(r)) for r in synth_records} or None
-        per_case = run_segmentation_protocol(train, test, synth, cfg)
+        only = None if ratio is None else [float(ratio)]
+        per_case = run_segmentation_protocol(train, test, synth, cfg, only_ratios=only)
         per_case.to_csv(tmp / "per_case.csv", index=False)
         return {"path": "per_case.csv", "arm": arm, "seed": seed, "n_real": n_real}
 
@@ -166,12 +172,30 @@ def _protocol_lines(seg_stage: dict[str, Any], per_case: pd.DataFrame, n_test: i
         if cfg.augment
         else "none"
     )
-    share = per_case.loc[per_case["arm_kind"] == "real+synthetic", "synthetic_batch_fraction"]
-    mix = (
-        f"pooled with the real slices and drawn uniformly (expected synthetic share of a batch "
-        f"{cfg.synthetic_share():.0%})"
-        if cfg.mixing == "pool"
-        else f"a fixed {cfg.synthetic_batch_share:.0%} of every batch"
+    mixed = per_case[per_case["arm_kind"] == "real+synthetic"]
+    share = mixed["synthetic_batch_fraction"]
+    ratios = cfg.ratios()
+    # a sweep: the measured share per ratio (one pooled mean over the ratios would describe no arm)
+    by_ratio = (
+        mixed.groupby("synthetic_ratio")["synthetic_batch_fraction"].mean()
+        if cfg.sweep and "synthetic_ratio" in mixed
+        else pd.Series(dtype=float)
+    )
+    expected = ", ".join(f"{cfg.synthetic_share(r):.0%}" for r in ratios)
+    if cfg.mixing == "per_batch":
+        mix = f"a fixed {cfg.synthetic_batch_share:.0%} of every batch"
+    else:
+        mix = f"pooled with the real slices and drawn uniformly (expected synthetic share of a batch {expected})"
+        if cfg.mixing == "weighted":
+            mix += (
+                f", each synthetic slice's loss weighted {cfg.synthetic_weight:g} times a real one's (the batch "
+                "loss is the weighted mean of the per-slice losses)"
+            )
+    ratio_text = (
+        f"Synthetic slices: {ratios[0]:g} per real slice, {mix}"
+        if not cfg.sweep
+        else f"Synthetic ratio sweep: one real+synthetic arm per ratio {', '.join(f'{r:g}' for r in ratios)} "
+        f"synthetic slices per real slice (arm names end in x<ratio>), {mix}"
     )
     lines = [
         f"Each arm trains a 2-D MONAI U-Net (channels {list(cfg.channels)}, DiceCE loss, Adam, {cfg.iterations} "
@@ -180,8 +204,14 @@ def _protocol_lines(seg_stage: dict[str, Any], per_case: pd.DataFrame, n_test: i
         f"{seg_stage['seeds']}. Real training patients per learning-curve point: "
         f"{', '.join(str(n) for n in seg_stage['n_real_patients'])} (nested: every seed orders the training "
         "patients once at random and takes the first n; no test patient is ever trained on).",
-        f"Synthetic slices: {cfg.synthetic_ratio:g} per real slice, {mix}"
-        + (f"; measured synthetic share of the batches {share.mean():.0%}." if len(share) else "."),
+        ratio_text
+        + (
+            f"; measured synthetic share of the batches {', '.join(f'{v:.0%}' for v in by_ratio)}."
+            if len(by_ratio)
+            else f"; measured synthetic share of the batches {share.mean():.0%}."
+            if len(share)
+            else "."
+        ),
         f"Standard augmentation in every arm, real-only included: {aug_text}.",
         "Dice is a fraction (0–1) averaged over LV, MYO and RV; differences are in Dice points (1 point = 0.01), "
         "paired with real-only at the same number of real patients (per test patient, averaged over seeds; "
@@ -196,10 +226,20 @@ def _protocol_lines(seg_stage: dict[str, Any], per_case: pd.DataFrame, n_test: i
                 "roi": cfg.roi,
                 "seeds": json.dumps(seg_stage["seeds"]),
                 "n_real_patients": json.dumps(seg_stage["n_real_patients"]),
-                "synthetic_ratio": cfg.synthetic_ratio,
+                # one ratio: the number; a sweep: the JSON list of ratios
+                "synthetic_ratio": ratios[0] if not cfg.sweep else json.dumps(ratios),
                 "mixing": cfg.mixing,
-                "synthetic_batch_share_expected": cfg.synthetic_share(),
-                "synthetic_batch_share_measured": float(share.mean()) if len(share) else float("nan"),
+                "synthetic_weight": cfg.effective_weight(),
+                "synthetic_batch_share_expected": (
+                    cfg.synthetic_share() if not cfg.sweep else json.dumps([cfg.synthetic_share(r) for r in ratios])
+                ),
+                "synthetic_batch_share_measured": (
+                    json.dumps([float(v) for v in by_ratio])
+                    if len(by_ratio)
+                    else float(share.mean())
+                    if len(share)
+                    else float("nan")
+                ),
                 "augment": cfg.augment,
                 "augmentation": json.dumps(aug.model_dump(), sort_keys=True),
             }
@@ -309,7 +349,8 @@ def write_augment_outputs(
         "",
         "## Samples",
         "",
-        "Top row: held-out real slices; below, one row per synthetic set, side by side; labels overlaid.",
+        "Top row: held-out real slices; below, one row per synthetic set, side by side; labels drawn as thin "
+        "contours (legend below the figure).",
         "",
         "![real vs synthetic](figures/samples.png)",
         "",
