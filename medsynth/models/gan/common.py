@@ -13,17 +13,23 @@ above 1 are produced where the training data has them.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field
+from torch import nn
 
 from medsynth.data.slices import SliceSet
 from medsynth.errors import LabelError
 from medsynth.labels import N_CLASSES
-from medsynth.models.latent.common import labels_to_size, maps_to_size, one_hot, to_size
+from medsynth.models.latent.common import check_slices, labels_to_size, maps_to_size, one_hot, to_size
 from medsynth.models.torch_family import TorchConfig, TorchFamily
+
+#: a step's loss: (prepared batch, step) -> (scalar loss, logged floats)
+LossFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
 
 
 class LabelGANConfig(TorchConfig):
@@ -92,6 +98,55 @@ class LabelGAN(TorchFamily):
         """Generator output (n, 1, s, s) → (n, 1, H, W) float32 on the slice scale."""
         x = self.from_gen(self.numpy(y))
         return maps_to_size(x[:, 0], hw)[:, None].astype(np.float32)
+
+    # ---- fitting -------------------------------------------------------------------------------------
+    def _discriminator(self) -> nn.Module:
+        """A fresh discriminator on (one-hot labels, image) channels (the family's own)."""
+        raise NotImplementedError(f"{type(self).__name__}._discriminator")
+
+    def begin_gan_fit(self, train: SliceSet, seed: int) -> tuple[nn.Module, nn.Module]:
+        """Check ``train``'s pairs, seed the fit, record the native size and intensity scale, build the
+        generator (persistent) and then the discriminator (trained, checkpointed, not saved): that weight init
+        order is part of what a seed means. Returns (generator, discriminator) on the device."""
+        check_slices(train, self.family)
+        self.check_labels(train.labels)
+        self.begin_fit(seed)
+        self.native = train.image_size
+        self.set_scale(train.images)
+        self.set_modules(self.build_modules())
+        return self.nets["gen"], self._discriminator().to(self.device)
+
+    def train_gan(
+        self,
+        gen: nn.Module,
+        disc: nn.Module,
+        losses: tuple[LossFn, LossFn],
+        forward: Any,
+        train: SliceSet,
+        val: SliceSet | None,
+        seed: int,
+        betas: tuple[float, float],
+    ) -> dict[str, Any]:
+        """The loop of every label GAN: a discriminator step (at ``disc_lr``, default ``lr``: TTUR when they
+        differ) then a generator step per iteration on the generator output ``forward`` makes once; ``losses``
+        = (discriminator loss, generator loss). Returns the fit report (+ held-out metrics on ``val``)."""
+        disc_loss, gen_loss = losses
+        steps = [
+            self.make_step(
+                "discriminator", disc.parameters(), disc_loss, [disc], lr=self.config.disc_lr or self.config.lr,
+                betas=betas,
+            ),
+            self.make_step("generator", gen.parameters(), gen_loss, [gen], betas=betas),
+        ]  # fmt: skip
+        t0 = time.perf_counter()
+        data = self.paired(train)
+        res = self.train_steps(steps, data, seed, extra_modules={"disc": disc}, prepare=forward, main="generator")
+        elapsed = time.perf_counter() - t0
+        self.fitted = True
+        report = self.fit_report(res, len(train), elapsed)
+        if val is not None and len(val):
+            report.update(self.evaluate(val))
+        return report
 
     # ---- state beside the weights ----------------------------------------------------------------------
     def extra_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

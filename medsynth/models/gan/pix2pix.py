@@ -21,7 +21,6 @@ Slices are resized to ``image_size`` for training and sampling; samples are resi
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, ClassVar
 
 import numpy as np
@@ -37,7 +36,7 @@ from medsynth.models.base import Sampler, Samples
 from medsynth.models.gan.common import LabelGAN, LabelGANConfig
 from medsynth.models.gan.losses import Adversarial, AdversarialKind
 from medsynth.models.gan.networks import patch_discriminator, unet_generator
-from medsynth.models.latent.common import check_slices, one_hot
+from medsynth.models.latent.common import one_hot
 from medsynth.utils.seeding import exclusive_global_rng
 
 log = logging.getLogger(__name__)
@@ -105,17 +104,9 @@ class Pix2PixModel(LabelGAN, Sampler):
     @exclusive_global_rng
     def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
         """Train on the (image, label map) pairs of ``train``."""
-        check_slices(train, self.family)
-        self.check_labels(train.labels)
         cfg = self.config
-        self.begin_fit(seed)
-        self.native = train.image_size
-        self.set_scale(train.images)
-        self.set_modules(self.build_modules())  # weight init order: generator, then discriminator
-        gen = self.nets["gen"]
-        disc = self._discriminator().to(self.device)
+        gen, disc = self.begin_gan_fit(train, seed)  # weight init order: generator, then discriminator
         adv = Adversarial(cfg.adversarial)
-        data = self.paired(train)
 
         def forward(batch: tuple[torch.Tensor, torch.Tensor], step: int) -> tuple[torch.Tensor, ...]:
             # one generator forward per iteration, shared by both steps (the discriminator sees it detached)
@@ -137,19 +128,7 @@ class Pix2PixModel(LabelGAN, Sampler):
             loss_l1 = F.l1_loss(fake, x)
             return loss_adv + cfg.lambda_l1 * loss_l1, {"adv": float(loss_adv.detach()), "l1": float(loss_l1.detach())}
 
-        betas, d_lr = (0.5, 0.999), cfg.disc_lr or cfg.lr
-        steps = [
-            self.make_step("discriminator", disc.parameters(), disc_loss, [disc], lr=d_lr, betas=betas),
-            self.make_step("generator", gen.parameters(), gen_loss, [gen], betas=betas),
-        ]
-        t0 = time.perf_counter()
-        res = self.train_steps(steps, data, seed, extra_modules={"disc": disc}, prepare=forward, main="generator")
-        elapsed = time.perf_counter() - t0
-        self.fitted = True
-        report = self.fit_report(res, len(train), elapsed)
-        if val is not None and len(val):
-            report.update(self.evaluate(val))
-        return report
+        return self.train_gan(gen, disc, (disc_loss, gen_loss), forward, train, val, seed, betas=(0.5, 0.999))
 
     @torch.no_grad()
     def evaluate(self, slices: SliceSet) -> dict[str, float]:
