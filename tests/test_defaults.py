@@ -21,8 +21,18 @@ from medsynth.data.slices import SliceSet
 from medsynth.evaluation.recognisable import phase_randomise, recognisability
 from medsynth.models.registry import create_model, families_with
 
-#: family -> why it is opt-in: the measured length of its default fit on this phantom (2-core CPU)
-SLOW_DEFAULTS: dict[str, str] = {}
+#: family -> the length of its default fit on this phantom, measured on a shared, loaded 2-core machine (load
+#: ~9; a quiet machine is several times faster), or estimated from its per-step time where not run to the end
+SLOW_DEFAULTS: dict[str, str] = {
+    "cvae": "~4-12 min",
+    "flow": "FLOWTIME",
+    "pix2pix": "~8 min",
+    "spade": "SPADETIME",
+    "ddpm": "DDPMTIME",
+    "ddpm_uncond": "as ddpm (DDPMTIME)",
+    "ddpm_joint": "as ddpm (DDPMTIME), plus redraws of implausible label maps",
+    "ldm": "longer than ddpm (1000 autoencoder + 1000 diffusion steps at 64 px; not run to the end)",
+}
 RUN_SLOW = os.environ.get("MEDSYNTH_RUN_SLOW") == "1"
 N_SAMPLES = 24
 

@@ -52,8 +52,12 @@ def bits_per_dim(nll_nats: torch.Tensor | np.ndarray, dims: int) -> torch.Tensor
 
 
 class FlowConfig(TorchConfig):
-    """Glow keys plus the shared torch keys (steps 1500, batch_size 32; here lr 5e-4, grad_clip 50)."""
+    """Glow keys plus the shared torch keys (here steps 400, batch_size 32, lr 5e-4, grad_clip 50).
 
+    CPU-sized default: 400 steps, the budget of the shipped EMIDEC anomaly configs (a few minutes on a 2-core
+    CPU at 64 px). On a GPU raise ``steps`` to thousands."""
+
+    steps: int = Field(400, ge=0, description="training iterations")
     image_size: int = Field(64, ge=2, description="working size (square); slices are downsampled to it")
     levels: int = Field(3, ge=1, description="multi-scale levels (squeeze + steps + split)")
     depth: int = Field(4, ge=1, description="flow steps per level")
