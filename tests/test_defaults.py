@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ SLOW_DEFAULTS: dict[str, str] = {
     "cvae": "~4-12 min",
     "flow": "FLOWTIME",
     "pix2pix": "~8 min",
-    "spade": "SPADETIME",
+    "spade": "~17 min",
     "ddpm": "DDPMTIME",
     "ddpm_uncond": "as ddpm (DDPMTIME)",
     "ddpm_joint": "as ddpm (DDPMTIME), plus redraws of implausible label maps",

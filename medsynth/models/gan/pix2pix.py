@@ -47,8 +47,8 @@ class Pix2PixConfig(LabelGANConfig):
     """pix2pix keys plus the shared GAN / torch keys (here steps 300, lr 5e-4).
 
     CPU-sized defaults, the settings of the shipped ACDC / EMIDEC GAN configs: U-Net widths (16, 32, 64, 128),
-    PatchGAN width 32, 300 steps (about a minute on the 2-subject phantom on a 2-core CPU). GPU budgets: widths
-    (64, 128, 256, 512), disc_channels 64, image_size 128, tens of thousands of steps."""
+    PatchGAN width 32, 300 steps (8 min on the 2-subject phantom on a 2-core CPU shared with other jobs).
+    GPU budgets: widths (64, 128, 256, 512), disc_channels 64, image_size 128, tens of thousands of steps."""
 
     channels: tuple[int, ...] = Field((16, 32, 64, 128), min_length=2, description="U-Net widths per level")
     steps: int = Field(300, ge=0)
