@@ -27,9 +27,9 @@ SLOW_DEFAULTS: dict[str, str] = {
     "flow": "FLOWTIME",
     "pix2pix": "~8 min",
     "spade": "~17 min",
-    "ddpm": "DDPMTIME",
-    "ddpm_uncond": "as ddpm (DDPMTIME)",
-    "ddpm_joint": "as ddpm (DDPMTIME), plus redraws of implausible label maps",
+    "ddpm": "35 min (and its samples fail: residual noise)",
+    "ddpm_uncond": "as ddpm (~35 min)",
+    "ddpm_joint": "as ddpm (~35 min), plus redraws of implausible label maps",
     "ldm": "longer than ddpm (1000 autoencoder + 1000 diffusion steps at 64 px; not run to the end)",
 }
 RUN_SLOW = os.environ.get("MEDSYNTH_RUN_SLOW") == "1"

@@ -68,9 +68,13 @@ EMA_INIT_WARN = 0.05
 class DDPMConfig(TorchConfig):
     """Diffusion keys plus the shared torch keys (here steps 1000, batch_size 16, lr 2e-4, ema_decay 0.995).
 
-    CPU-sized defaults (32 px, channels (16, 32, 64), no attention; the default fit takes ~10 min on the
-    2-subject phantom on a 2-core CPU); on a GPU e.g. image_size 128, channels (64, 128, 256, 256),
-    attention_levels (false, false, true, true), num_res_blocks 2, steps 50000, ema_decay 0.9999.
+    CPU-sized defaults (32 px, channels (16, 32, 64), no attention). The default fit took 35 min on the
+    2-subject phantom on a 2-core CPU shared with other jobs, and its samples are NOT yet recognisable by
+    :mod:`medsynth.evaluation.recognisable`: the heart outline shows, but through residual noise (blood /
+    myocardium contrast-to-noise 0.8 against 4.9 in the real slices; ``tests/test_defaults.py``, slow case).
+    Give diffusion a real budget in the run config (the shipped configs: cosine schedule, v-prediction, guidance
+    1.5); on a GPU e.g. image_size 128, channels (64, 128, 256, 256), attention_levels (false, false, true,
+    true), num_res_blocks 2, steps 50000, ema_decay 0.9999.
 
     ``ema_decay`` must suit ``steps``: the EMA shadow starts as the *random initial* weights, which still make up
     ``ema_decay ** steps`` of it when training ends (0.999 over 1000 steps: 37 %, enough to turn samples into
