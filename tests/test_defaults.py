@@ -24,7 +24,7 @@ from medsynth.models.registry import create_model, families_with
 #: ~9; a quiet machine is several times faster), or estimated from its per-step time where not run to the end
 SLOW_DEFAULTS: dict[str, str] = {
     "cvae": "~4-12 min",
-    "flow": "FLOWTIME",
+    "flow": "~10 min (and its samples fail: blotchy noise)",
     "pix2pix": "~8 min",
     "spade": "~17 min",
     "ddpm": "35 min (and its samples fail: residual noise)",

@@ -54,8 +54,10 @@ def bits_per_dim(nll_nats: torch.Tensor | np.ndarray, dims: int) -> torch.Tensor
 class FlowConfig(TorchConfig):
     """Glow keys plus the shared torch keys (here steps 400, batch_size 32, lr 5e-4, grad_clip 50).
 
-    CPU-sized default: 400 steps, the budget of the shipped EMIDEC anomaly configs (a few minutes on a 2-core
-    CPU at 64 px). On a GPU raise ``steps`` to thousands."""
+    CPU-sized default: 400 steps, the budget of the shipped EMIDEC anomaly configs, enough for scoring there
+    (wall-restricted case AUROC 1.00 in that run) but not for sampling: on the 2-subject phantom the fit took
+    9.5 min on a 2-core CPU shared with other jobs and its samples were blotchy noise without a heart
+    (:mod:`medsynth.evaluation.recognisable`). Sampling needs a real budget (thousands of steps, a GPU)."""
 
     steps: int = Field(400, ge=0, description="training iterations")
     image_size: int = Field(64, ge=2, description="working size (square); slices are downsampled to it")
