@@ -57,7 +57,9 @@ class FlowConfig(TorchConfig):
     CPU-sized default: 400 steps, the budget of the shipped EMIDEC anomaly configs, enough for scoring there
     (wall-restricted case AUROC 1.00 in that run) but not for sampling: on the 2-subject phantom the fit took
     9.5 min on a 2-core CPU shared with other jobs and its samples were blotchy noise without a heart
-    (:mod:`medsynth.evaluation.recognisable`). Sampling needs a real budget (thousands of steps, a GPU)."""
+    (:mod:`medsynth.evaluation.recognisable`); a lower ``temperature`` does not help (0.5 → 0.05 fade to a dark,
+    featureless image: the fitted density has not yet learnt the anatomy). Sampling needs a real budget
+    (thousands of steps, a GPU)."""
 
     steps: int = Field(400, ge=0, description="training iterations")
     image_size: int = Field(64, ge=2, description="working size (square); slices are downsampled to it")
