@@ -233,6 +233,17 @@ class TorchFamily(GenerativeModel):
         self.history = {}
         return g
 
+    def begin_slice_fit(self, train: Any, seed: int) -> None:
+        """The preamble of a fit on image slices: check ``train`` (a SliceSet of (N, 1, H, W) images), seed
+        (:meth:`begin_fit`), install :meth:`build_modules` (built after seeding, so the seed fixes the initial
+        weights) and remember the native (H, W) for resizing samples back."""
+        from medsynth.models.latent.common import check_slices
+
+        check_slices(train, self.family)
+        self.begin_fit(seed)
+        self.set_modules(self.build_modules())
+        self.native = train.image_size
+
     def make_step(
         self,
         name: str,

@@ -33,7 +33,7 @@ from torch import nn
 from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
 from medsynth.models.diffusion.ddpm import DDPMConfig, DiffusionFamily, Mode
-from medsynth.models.latent.common import check_slices, labels_to_size, maps_to_size, one_hot, to_size
+from medsynth.models.latent.common import labels_to_size, maps_to_size, one_hot, to_size
 from medsynth.models.training import TrainResult
 from medsynth.utils.seeding import exclusive_global_rng
 
@@ -115,11 +115,8 @@ class LDMModel(DiffusionFamily):
 
     @exclusive_global_rng
     def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
-        check_slices(train, self.family)
         cfg = self.config
-        self.begin_fit(seed)
-        self.set_modules(self.build_modules())
-        self.native = train.image_size
+        self.begin_slice_fit(train, seed)
         ae, unet = self.nets["ae"], self.nets["unet"]
         x = self.tensor(to_size(train.images, cfg.image_size)) * 2 - 1
         lab = self.tensor(labels_to_size(train.labels, self.work_size), dtype=torch.long)

@@ -64,7 +64,7 @@ from medsynth.data.slices import SliceSet
 from medsynth.errors import LabelError
 from medsynth.labels import MVO, MYO, N_CLASSES, SCAR
 from medsynth.models.base import AnomalyScores, Sampler, Samples, Scorer
-from medsynth.models.latent.common import check_slices, labels_to_size, maps_to_size, one_hot, to_size
+from medsynth.models.latent.common import labels_to_size, maps_to_size, one_hot, to_size
 from medsynth.models.torch_family import TorchConfig, TorchFamily
 from medsynth.utils.seeding import exclusive_global_rng
 
@@ -234,11 +234,8 @@ class AEModel(TorchFamily, Sampler, Scorer):
     # ---- fitting -------------------------------------------------------------------------------------
     @exclusive_global_rng
     def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
-        check_slices(train, self.family)
         cfg = self.config
-        self.begin_fit(seed)
-        self.set_modules(self.build_modules())
-        self.native = train.image_size
+        self.begin_slice_fit(train, seed)
         data = self._inputs(train)
         d = cfg.image_size**2
 
