@@ -67,13 +67,17 @@ def emidec_png_root(test_data_root: Path) -> Path:
 
 #: Fixtures that start a Prefect API server (``prefect_test_harness``) for their module.
 PREFECT_SERVER_FIXTURES = ("prefect_harness", "prefect_api")
+#: Modules whose tests are spread over the xdist workers one by one (see pytest_collection_modifyitems).
+SPREAD_MODULES = ("test_defaults",)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Groups for ``pytest -n 2 --dist loadgroup`` (``make test``): one group per test module, so a module's
     fixtures (small trainings) are built once, as with ``--dist loadfile``; and every module that starts a
     Prefect API server in one shared group, so two servers never boot at once. On a loaded 2-core machine two
-    servers starting side by side outlasted the harness's startup timeout (90 s)."""
+    servers starting side by side outlasted the harness's startup timeout (90 s). Modules in
+    :data:`SPREAD_MODULES` are the exception: their tests are long, independent fits on a cheap fixture, so each
+    test is its own group and the two workers share them."""
     if not config.pluginmanager.hasplugin("xdist"):
         return
     server_modules = {
@@ -83,4 +87,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     }
     for item in items:
         module = item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group("prefect-server" if module in server_modules else module))
+        if module in server_modules:
+            group = "prefect-server"
+        elif module.rsplit(".", 1)[-1] in SPREAD_MODULES:
+            group = item.nodeid
+        else:
+            group = module
+        item.add_marker(pytest.mark.xdist_group(group))
