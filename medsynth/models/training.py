@@ -97,10 +97,10 @@ class EMA:
     e.g. an ActNorm's "initialised" flag, are copied), with the warmed-up decay
     ``d_i = min(decay, (1 + i) / (10 + i))`` (the num_updates rule of TensorFlow's ExponentialMovingAverage).
     Why the warm-up: the shadow starts as a copy of the randomly initialised module, and a fixed decay keeps
-    ``decay ** steps`` of those random weights: 37 % at 0.999 over 1000 steps, enough to turn a diffusion model's
-    samples into noise. With the warm-up the early shadow follows the weights and the initial share is
-    negligible (below 1e-3 % after 1000 steps at 0.999). The shadow is kept in eval mode with gradients off; it is
-    the network used for inference when the family enables EMA."""
+    ``decay ** steps`` of those random weights: 37 % at 0.999 over 1000 steps, a large share of noise in the
+    weights a diffusion model samples with. With the warm-up the early shadow follows the weights and the
+    initial share is negligible (below 1e-3 % after 1000 steps at 0.999). The shadow is kept in eval mode with
+    gradients off; it is the network used for inference when the family enables EMA."""
 
     def __init__(self, module: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
