@@ -98,23 +98,7 @@ def evaluate_translation(
     for c in [CANONICAL[c] for c in in_both] + ["mean"]:
         sel = both if c == "mean" else both[both["class"] == c]
         by = sel.groupby(["stage", "case"])["dice"].mean().unstack("stage").dropna()
-        diff = (by["after"] - by["before"]).to_numpy()
-        gen = np.random.default_rng(seed)
-        boot = [diff[gen.integers(0, len(diff), len(diff))].mean() for _ in range(max(cfg.bootstrap, 1))]
-        lo, hi = percentile_ci(np.asarray(boot)) if cfg.bootstrap else (np.nan, np.nan)
-        rows.append(
-            {
-                "metric": "target_unet_dice",
-                "class": c,
-                "unit": "Dice",
-                "before": float(by["before"].mean()),
-                "after": float(by["after"].mean()),
-                "diff": float(diff.mean()),
-                "diff_ci_low": lo,
-                "diff_ci_high": hi,
-                "n_cases": len(by),
-            }
-        )
+        rows.append(_paired_row(by, "target_unet_dice", c, "Dice", cfg.bootstrap, seed))
     table = pd.DataFrame(rows)
     table.insert(0, "direction", f"{src}->{dst}")
     return table, translated
@@ -206,6 +190,20 @@ def paired_similarity(
     return {"psnr": psnr, "ssim": ssim}
 
 
+def _paired_row(by: pd.DataFrame, metric: str, cls: str, unit: str, bootstrap: int, seed: int) -> dict[str, Any]:
+    """One before/after row from per-case means ``by`` (columns "before", "after"): the means, their paired
+    difference and its percentile bootstrap CI over cases (NaN without bootstrap)."""
+    diff = (by["after"] - by["before"]).to_numpy()
+    gen = np.random.default_rng(seed)
+    boot = [diff[gen.integers(0, len(diff), len(diff))].mean() for _ in range(max(bootstrap, 1))]
+    lo, hi = percentile_ci(np.asarray(boot)) if bootstrap else (np.nan, np.nan)
+    return {
+        "metric": metric, "class": cls, "unit": unit,
+        "before": float(by["before"].mean()), "after": float(by["after"].mean()), "diff": float(diff.mean()),
+        "diff_ci_low": lo, "diff_ci_high": hi, "n_cases": len(by),
+    }  # fmt: skip
+
+
 def paired_rows(
     source: SliceSet, translated: SliceSet, target: SliceSet, bootstrap: int = 100, seed: int = 0
 ) -> list[dict[str, Any]]:
@@ -225,24 +223,7 @@ def paired_rows(
     for metric, unit in (("psnr", "dB"), ("ssim", "SSIM")):
         per = pd.DataFrame({"case": subjects, "before": before[metric], "after": after[metric]})
         by = per.groupby("case")[["before", "after"]].mean()
-        diff = (by["after"] - by["before"]).to_numpy()
-        gen = np.random.default_rng(seed)
-        boot = [diff[gen.integers(0, len(diff), len(diff))].mean() for _ in range(max(bootstrap, 1))]
-        lo, hi = percentile_ci(np.asarray(boot)) if bootstrap else (np.nan, np.nan)
-        rows.append(
-            {
-                "metric": f"paired_{metric}",
-                "class": "all",
-                "unit": unit,
-                "before": float(by["before"].mean()),
-                "after": float(by["after"].mean()),
-                "diff": float(diff.mean()),
-                "diff_ci_low": lo,
-                "diff_ci_high": hi,
-                "n_cases": len(by),
-                "n_slices": int(ok.sum()),
-            }
-        )
+        rows.append({**_paired_row(by, f"paired_{metric}", "all", unit, bootstrap, seed), "n_slices": int(ok.sum())})
     return rows
 
 

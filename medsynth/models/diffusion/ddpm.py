@@ -54,7 +54,7 @@ from medsynth.labels import MVO, MYO, N_CLASSES, SCAR
 from medsynth.models.base import AnomalyScores, Sampler, Samples, Scorer
 from medsynth.models.diffusion.plausibility import check_label_maps
 from medsynth.models.diffusion.schedulers import ddim_timesteps, make_schedulers
-from medsynth.models.latent.common import labels_to_size, maps_to_size, one_hot, to_size
+from medsynth.models.latent.common import labels_to_size, maps_to_size, one_hot, to_size, validate_label_maps
 from medsynth.models.torch_family import TorchConfig, TorchFamily
 from medsynth.utils.seeding import exclusive_global_rng
 
@@ -287,16 +287,6 @@ class DiffusionFamily(TorchFamily, Sampler):
         return x
 
     # ---- contract ------------------------------------------------------------------------------------
-    def _check_labels(self, n: int, labels: np.ndarray | None) -> np.ndarray:
-        if labels is None:
-            raise LabelError(f"{self.family}: a conditional family needs label maps (labels=(n, H, W))")
-        labels = np.asarray(labels)
-        if labels.ndim != 3 or len(labels) != n:
-            raise LabelError(f"{self.family}: labels must be (n={n}, H, W), got {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= N_CLASSES):
-            raise LabelError(f"{self.family}: labels hold codes outside 0..{N_CLASSES - 1}")
-        return labels.astype(np.uint8)
-
     @torch.no_grad()
     def _draw(self, n: int, labels: np.ndarray | None, seed: int) -> torch.Tensor:
         """n model-scale samples (n, C, s, s) on the device, in batches of ``sample_batch``."""
@@ -326,7 +316,7 @@ class DiffusionFamily(TorchFamily, Sampler):
         if n < 0:
             raise ValueError(f"n: must be >= 0, got {n}")
         if self.mode == "label":
-            labels = self._check_labels(n, labels)
+            labels = validate_label_maps(labels, self.family, n)
             return Samples(self._to_images(self._draw(n, labels, seed), labels.shape[1:]), labels)
         if self.mode == "unconditional":
             return Samples(self._to_images(self._draw(n, None, seed), self.native), None)

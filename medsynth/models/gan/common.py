@@ -23,9 +23,14 @@ from pydantic import Field
 from torch import nn
 
 from medsynth.data.slices import SliceSet
-from medsynth.errors import LabelError
-from medsynth.labels import N_CLASSES
-from medsynth.models.latent.common import check_slices, labels_to_size, maps_to_size, one_hot, to_size
+from medsynth.models.latent.common import (
+    check_slices,
+    labels_to_size,
+    maps_to_size,
+    one_hot,
+    to_size,
+    validate_label_maps,
+)
 from medsynth.models.torch_family import TorchConfig, TorchFamily
 
 #: a step's loss: (prepared batch, step) -> (scalar loss, logged floats)
@@ -81,14 +86,7 @@ class LabelGAN(TorchFamily):
         return x, lab
 
     def check_labels(self, labels: np.ndarray | None, n: int | None = None) -> np.ndarray:
-        if labels is None:
-            raise LabelError(f"{self.family}: a conditional family needs label maps (labels=(n, H, W))")
-        labels = np.asarray(labels)
-        if labels.ndim != 3 or (n is not None and len(labels) != n):
-            raise LabelError(f"{self.family}: labels must be (n={n}, H, W), got {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= N_CLASSES):
-            raise LabelError(f"{self.family}: labels hold codes outside 0..{N_CLASSES - 1}")
-        return labels.astype(np.uint8)
+        return validate_label_maps(labels, self.family, n)
 
     def cond(self, labels: np.ndarray) -> torch.Tensor:
         """(n, H, W) canonical codes → (n, K, s, s) one-hot on the device (nearest-neighbour resize)."""

@@ -61,10 +61,9 @@ from torch import nn
 
 from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
-from medsynth.errors import LabelError
 from medsynth.labels import MVO, MYO, N_CLASSES, SCAR
 from medsynth.models.base import AnomalyScores, Sampler, Samples, Scorer
-from medsynth.models.latent.common import labels_to_size, maps_to_size, one_hot, to_size
+from medsynth.models.latent.common import labels_to_size, maps_to_size, one_hot, to_size, validate_label_maps
 from medsynth.models.torch_family import TorchConfig, TorchFamily
 from medsynth.utils.seeding import exclusive_global_rng
 
@@ -450,16 +449,10 @@ class CVAEModel(VAEModel):
     def sample(self, n: int, labels: np.ndarray | None = None, seed: int = 0) -> Samples:
         """One image per label map: ``labels`` (n, H, W) canonical codes → images (n, 1, H, W)."""
         self._require_fitted()
-        if labels is None:
-            raise LabelError(f"{self.family}: a conditional family needs label maps (labels=(n, H, W))")
-        labels = np.asarray(labels)
-        if labels.ndim != 3 or len(labels) != n:
-            raise LabelError(f"{self.family}: labels must be (n={n}, H, W), got {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= N_CLASSES):
-            raise LabelError(f"{self.family}: labels hold codes outside 0..{N_CLASSES - 1}")
+        labels = validate_label_maps(labels, self.family, n)
         g = torch.Generator().manual_seed(seed)
         z = self._latent_draws(n, g)
-        small = labels_to_size(labels.astype(np.uint8), self.config.image_size)
+        small = labels_to_size(labels, self.config.image_size)
         batch = self.tensor(small.astype(np.float32))[:, None]
         batch = torch.cat([torch.zeros_like(batch), batch], dim=1)
         x = self.numpy(self._decode(z, batch)) if n else np.zeros((0, 1, *labels.shape[1:]), np.float32)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from medsynth.data.slices import SliceSet
-from medsynth.errors import InputFileError
+from medsynth.errors import InputFileError, LabelError
 from medsynth.labels import N_CLASSES
 
 
@@ -42,6 +42,19 @@ def one_hot(labels: np.ndarray | torch.Tensor, n_classes: int = N_CLASSES) -> to
     # tensors stay on their device (the cVAE conditions on label channels of a CUDA batch)
     t = labels.long() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels), dtype=torch.long)
     return F.one_hot(t.clamp(0, n_classes - 1), n_classes).permute(0, 3, 1, 2).float()
+
+
+def validate_label_maps(labels: np.ndarray | None, family: str, n: int | None = None) -> np.ndarray:
+    """The label maps a conditional family is asked to render: (n, H, W) canonical codes 0..N_CLASSES-1 (any
+    ``n`` when None), as a uint8 copy; a :class:`LabelError` naming ``family`` otherwise."""
+    if labels is None:
+        raise LabelError(f"{family}: a conditional family needs label maps (labels=(n, H, W))")
+    labels = np.asarray(labels)
+    if labels.ndim != 3 or (n is not None and len(labels) != n):
+        raise LabelError(f"{family}: labels must be (n={n}, H, W), got {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= N_CLASSES):
+        raise LabelError(f"{family}: labels hold codes outside 0..{N_CLASSES - 1}")
+    return labels.astype(np.uint8)
 
 
 def check_slices(slices: SliceSet, family: str, image_size: int | None = None) -> None:
