@@ -113,6 +113,8 @@ def test_augment_flow_writes_dataset_and_reruns_from_cache(prefect_harness, tmp_
     assert not re.search(r"\bnan\b", report, re.IGNORECASE)
     assert (run_dir / "figures" / "samples.png").stat().st_size > 0
     assert (run_dir / "figures" / "learning_curve.png").stat().st_size > 0
+    assert (run_dir / "figures" / "same_labels.png").stat().st_size > 0  # the GMM renders held-out label maps
+    assert "figures/same_labels.png" in report
     protocol = pd.read_csv(run_dir / "metrics" / "segmentation_protocol.csv")
     assert protocol["mixing"].iloc[0] == "pool" and protocol["synthetic_ratio"].iloc[0] == 1.0
     assert json.loads((run_dir / "versions.json").read_text(encoding="utf-8"))["torch"].startswith("2.13")

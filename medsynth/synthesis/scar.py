@@ -159,7 +159,7 @@ class ScarModel:
 
     def sample_params(self, rng: np.random.Generator) -> ScarParams:
         """Bootstrap a fitted record and jitter it."""
-        c, e, t, m = self.shapes[rng.integers(len(self.shapes))]
+        center, extent, transmurality, mvo_fraction = sample_shape(self.shapes, rng)
         inten = self.intensities
         row = inten[rng.integers(len(inten))]
         t_scar = row[0] if np.isfinite(row[0]) else float(np.nanmean(inten[:, 0]))
@@ -170,16 +170,67 @@ class ScarModel:
         else:  # no MVO seen: MVO as dark as remote myocardium
             t_mvo, r_mvo = 0.0, 0.0
         return ScarParams(
-            center=float(_wrap(c + rng.normal(0.0, np.radians(15.0)))),
-            extent=float(np.clip(e * np.exp(rng.normal(0.0, 0.15)), np.radians(20.0), 2 * np.pi)),
-            transmurality=float(np.clip(t + rng.normal(0.0, 0.05), 0.15, 1.0)),
-            mvo_fraction=float(m if m > 0 else 0.0),
+            center=center,
+            extent=extent,
+            transmurality=transmurality,
+            mvo_fraction=mvo_fraction,
             t_scar=float(np.clip(t_scar + rng.normal(0.0, 0.03), 0.2, 3.0)),
             r_scar=float(r_scar),
             t_mvo=float(t_mvo),
             r_mvo=float(r_mvo),
             seed=int(rng.integers(0, 2**31 - 1)),
         )
+
+
+def scar_shapes(labels: np.ndarray) -> np.ndarray:
+    """Shape records (K, 4) :data:`SHAPE_FIELDS` of the scarred slices among ``labels`` (N, H, W) canonical codes
+    (K = 0 when none has scar next to an LV blood pool)."""
+    recs = [rec[0] for lab in np.asarray(labels) if (rec := slice_scar_record(None, lab)) is not None]
+    return np.asarray(recs, dtype=np.float64).reshape(-1, len(SHAPE_FIELDS))
+
+
+def sample_shape(shapes: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """Bootstrap one shape record of ``shapes`` (K, 4) and jitter it: (centre angle rad, extent rad,
+    transmurality, MVO fraction); the territory moves by ~15°, the extent by ~15 % and the transmurality by 0.05."""
+    c, e, t, m = shapes[rng.integers(len(shapes))]
+    return (
+        float(_wrap(c + rng.normal(0.0, np.radians(15.0)))),
+        float(np.clip(e * np.exp(rng.normal(0.0, 0.15)), np.radians(20.0), 2 * np.pi)),
+        float(np.clip(t + rng.normal(0.0, 0.05), 0.15, 1.0)),
+        float(m if m > 0 else 0.0),
+    )
+
+
+def insert_label_scar(
+    labels: np.ndarray, shapes: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label-level scar for label-conditioned synthesis: each scar-eligible map of ``labels`` (N, H, W) (an LV
+    blood pool, enough healthy myocardium, no scar) gets, with probability ``fraction``, a scar (and MVO
+    core) in its myocardium drawn from the fitted ``shapes`` (K, 4) (:func:`scar_shapes`; the same territory
+    / transmurality model as :func:`insert_scar`). A conditional family then renders the new map as a new LGE
+    image. Only MYO pixels change (to SCAR / MVO). Returns (new labels (N, H, W) uint8, (N,) bool: scar added)."""
+    from medsynth.data.cohorts import scar_eligible
+
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction: must be in [0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    out = labels.copy()
+    added = np.zeros(len(labels), dtype=bool)
+    if fraction == 0.0 or len(labels) == 0:
+        return out, added
+    if len(shapes) == 0:
+        raise ValueError("shapes: no scarred slice to draw scar shapes from")
+    draw = rng.random(len(labels)) < fraction  # drawn for every map, so the choice does not depend on eligibility
+    for i in np.flatnonzero(draw & scar_eligible(labels)):
+        center, extent, transmurality, mvo_fraction = sample_shape(shapes, rng)
+        params = ScarParams(
+            center, extent, transmurality, mvo_fraction, 0.0, 0.0, 0.0, 0.0, int(rng.integers(0, 2**31 - 1))
+        )
+        scar, mvo = scar_masks(labels[i], params)
+        out[i][scar] = SCAR
+        out[i][mvo] = MVO
+        added[i] = bool(scar.any() or mvo.any())
+    return out, added
 
 
 def scar_masks(label: np.ndarray, params: ScarParams) -> tuple[np.ndarray, np.ndarray]:

@@ -109,6 +109,10 @@ class LabelSourceConfig(StrictModel):
     scale: float = Field(0.1, ge=0, lt=0.5)
     translate_px: float = Field(4.0, ge=0)
     flip: bool = False
+    #: share of the deformed scar-free maps (LV blood pool + healthy myocardium) that get a label-level scar
+    #: (and MVO core) drawn from the training maps' scar shapes before a label-conditioned family renders them,
+    #: so a healthy anatomy becomes a new scar case (LGE data with scar labels; 0 = off)
+    scar_fraction: float = Field(0.0, ge=0, le=1)
 
 
 class ScarInsertionConfig(StrictModel):

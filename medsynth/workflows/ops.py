@@ -187,6 +187,7 @@ def synthesize(
     deformation: dict[str, Any] | None = None,
     context: bool = False,
     distinct: bool = False,
+    scar_fraction: float = 0.0,
 ) -> tuple[SliceSet, bool]:
     """Draw ``n`` slices from a model that can ``sample``; returns ``(slices, has_labels)``.
 
@@ -195,7 +196,10 @@ def synthesize(
     :class:`~medsynth.transforms.RandomLabelDeformation` with ``deformation``'s keys when given. ``context``:
     families declaring it keep the (equally deformed) real surroundings of the source slice. Unconditional
     families still draw source rows from ``pool`` (for acquisition metadata and geometry) but ignore their
-    labels; images-only samples get all-background labels and ``has_labels`` False.
+    labels; images-only samples get all-background labels and ``has_labels`` False. ``scar_fraction``:
+    label-conditioned families render that share of the scar-free maps with a label-level scar drawn from
+    the scar shapes of ``pool`` (:func:`medsynth.synthesis.scar.insert_label_scar`; metadata column
+    ``label_scar``, pathology ``infarct``), a seeded stream of its own so the other draws stay as they are.
     """
     from medsynth.transforms import RandomLabelDeformation
 
@@ -223,11 +227,25 @@ def synthesize(
         else:
             labels = pool.labels[idx]
             ctx = pool.images[idx] if use_context else None
+    added = None
+    if scar_fraction > 0 and labels is not None:
+        from medsynth.synthesis.scar import insert_label_scar, scar_shapes
+
+        shapes = scar_shapes(pool.labels)
+        if len(shapes) == 0:
+            raise ConfigError(
+                "synthesis.labels.scar_fraction: the training label maps have no scar to draw shapes from"
+            )
+        labels, added = insert_label_scar(labels, shapes, scar_fraction, np.random.default_rng([seed, 1]))
+        log.info("label-level scar added to %d of %d label maps", int(added.sum()), len(labels))
     samples = model.sample_in_context(labels, ctx, seed=seed) if ctx is not None else model.sample(n, labels, seed)
     has_labels = samples.labels is not None
     out_labels = samples.labels if has_labels else np.zeros((n, *samples.images.shape[2:]), np.uint8)
     ids = [f"syn_{name or model.family}_{i:05d}" for i in range(n)]
     meta = synthetic_meta(pool.meta.iloc[idx] if idx is not None else None, ids, model, seed, model.conditional)
+    if added is not None:
+        meta["label_scar"] = added
+        meta.loc[added, "pathology"] = "infarct"
     return SliceSet(samples.images.astype(np.float32), out_labels.astype(np.uint8), meta), has_labels
 
 

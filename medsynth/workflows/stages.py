@@ -274,7 +274,12 @@ def synthesize(
     seeded deformations of real training labels."""
     from medsynth.models.registry import load_model
 
-    inputs = {"model": model_record["key"], "slices": slices_record["key"], "synthesis": synthesis, "seed": seed}
+    keyed = synthesis
+    if "labels" in synthesis and not synthesis["labels"].get("scar_fraction"):
+        # scar_fraction 0 (off) is left out of the key, so the caches of runs written before the key existed
+        # stay valid
+        keyed = {**synthesis, "labels": {k: v for k, v in synthesis["labels"].items() if k != "scar_fraction"}}
+    inputs = {"model": model_record["key"], "slices": slices_record["key"], "synthesis": keyed, "seed": seed}
 
     def build(tmp: Path) -> dict[str, Any]:
         model = load_model(artefact(model_record))
@@ -284,7 +289,8 @@ def synthesize(
             int(synthesis["n"]),
             seed,
             name=model_record["name"],
-            deformation=synthesis.get("labels", {}),
+            deformation={k: v for k, v in synthesis.get("labels", {}).items() if k != "scar_fraction"},
+            scar_fraction=float(synthesis.get("labels", {}).get("scar_fraction") or 0.0),
             context=bool(synthesis.get("context")),
         )
         synthetic.save(tmp / "synthetic.npz")
