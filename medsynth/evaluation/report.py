@@ -517,13 +517,19 @@ _CONTOUR_ORDER = (MYO, RV, LV, SCAR, MVO)
 
 
 def plot_samples(
-    real, synth_sets: list[tuple[str, object]], path: str | Path, n: int = 6, first: str = "real (held-out)"
+    real,
+    synth_sets: list[tuple[str, object]],
+    path: str | Path,
+    n: int = 6,
+    first: str = "real (held-out)",
+    vmax: float | None = None,
 ) -> Path:
     """Rows: real slices, then each synthetic set (side by side for comparison). Each panel is the grey image
     with its labels drawn as thin contours in the colours of ``medsynth inspect`` (an opaque fill would hide the
     appearance the figure is there to compare), titled with subject / phase / slice; a legend names the
     contour colours and each row's first panel names its set. One grey window for every panel (0 to the
-    99.5th percentile of the real images), so brightness differences between real and synthetic show.
+    99.5th percentile of the real images, or 0 to ``vmax``), so brightness differences between real and
+    synthetic show.
     ``real`` and the sets are SliceSets (images (N, 1, H, W) normalised, labels (N, H, W))."""
     from matplotlib.lines import Line2D
 
@@ -532,8 +538,9 @@ def plot_samples(
 
     plt = _plt()
     rows = [(first, real)] + list(synth_sets)
-    vmax = float(np.percentile(real.images, 99.5)) if len(real) else 1.0
-    vmax = vmax if np.isfinite(vmax) and vmax > 0 else 1.0
+    if vmax is None:
+        vmax = float(np.percentile(real.images, 99.5)) if len(real) else 1.0
+        vmax = vmax if np.isfinite(vmax) and vmax > 0 else 1.0
     fig, axes = plt.subplots(
         len(rows), n, figsize=(1.9 * n, 2.05 * len(rows) + 0.7), squeeze=False, layout="constrained"
     )

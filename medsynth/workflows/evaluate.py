@@ -135,35 +135,6 @@ def segmentation_arm(
     return run_stage(work, "segmentation", inputs, build)
 
 
-def _sample_grid(
-    real: SliceSet, synth_sets: list[tuple[str, SliceSet]], path: Path, n: int = 6, first: str = "real"
-) -> Path:
-    """Rows: real slices (titled ``first``), then each synthetic set; label contours overlaid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [(first, real)] + synth_sets
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.7 * len(rows)), squeeze=False)
-    for r, (name, s) in enumerate(rows):
-        idx = np.linspace(0, max(len(s) - 1, 0), n).astype(int) if len(s) else []
-        for c in range(n):
-            ax = axes[r, c]
-            ax.axis("off")
-            if c < len(idx):
-                i = idx[c]
-                # slices are stored in display orientation (rows = H, columns = W)
-                ax.imshow(s.images[i, 0], cmap="gray", vmin=0, vmax=1.2)
-                if s.labels[i].any():
-                    ax.contour(s.labels[i], levels=np.arange(0.5, 6), linewidths=0.5, cmap="autumn")
-        axes[r, 0].set_title(name, fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 def _markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -474,7 +445,10 @@ def write_translate_outputs(
         truth = paired_targets(source, train.subset(train.meta[key].astype(str).str.strip().str.lower() == dst))
         if truth is not None:
             sets.append(("true target (same slice, target domain)", truth))
-    grid = _sample_grid(source, sets, staging / "samples.png", first="source")
+    from medsynth.evaluation import report as rp
+
+    # one window over both domains' usual range (the slice scale), not the source's: translated LGE is brighter
+    grid = rp.plot_samples(source, sets, staging / "samples.png", first="source", vmax=1.2)
     below = "the same slices translated" + ("; last row: their true target-domain slices" if truth is not None else "")
     sections += ["", f"## Samples (top: source training slices; below: {below})", ""]
     sections += ["![source vs translated](figures/samples.png)", ""]
