@@ -15,8 +15,9 @@ from safetensors.numpy import load_file
 
 from medsynth.data.slices import SliceSet
 from medsynth.errors import ConfigError
-from medsynth.labels import BACKGROUND, N_CLASSES
-from medsynth.models.conditioning import BANK_ARRAY
+from medsynth.labels import BACKGROUND, LV, MYO, N_CLASSES
+from medsynth.models.conditioning import BANK_ARRAY, bright_classes
+from medsynth.models.latent.common import labels_to_size, one_hot
 from medsynth.models.registry import create_model, load_model
 
 FAMILIES = ["pix2pix", "spade", "ddpm", "ldm"]
@@ -125,6 +126,10 @@ def test_none_is_the_heart_labels_alone(family: str, cine: SliceSet, tmp_path: P
     arrays, meta = default.get_state()
     assert BANK_ARRAY not in arrays and "surroundings_classes" not in meta
     assert default.model_hash == none.model_hash
+    # the condition is the canonical one-hot of the labels themselves
+    s = default.config.image_size
+    torch.testing.assert_close(default.condition.one_hot(torch.as_tensor(labels_to_size(labels, s), dtype=torch.long)),
+                               one_hot(labels_to_size(labels, s)))  # fmt: skip
     a = default.sample(len(labels), labels, seed=2).images
     assert a.tobytes() == none.sample(len(labels), labels, seed=2).images.tobytes()
 
@@ -154,8 +159,22 @@ def test_a_model_saved_before_the_key_existed_loads_as_none(family: str, cine: S
 def test_surroundings_keys_are_validated() -> None:
     with pytest.raises(ConfigError, match="surroundings"):
         create_model("pix2pix", {"surroundings": "atlas"})
-    with pytest.raises(ConfigError, match="surroundings_classes"):
-        create_model("spade", {"surroundings": "partition", "surroundings_classes": 1})
+    for k in (1, 17):
+        with pytest.raises(ConfigError, match="surroundings_classes"):
+            create_model("spade", {"surroundings": "partition", "surroundings_classes": k})
     # only the label-conditioned diffusion has a label condition to extend
     with pytest.raises(ConfigError, match="surroundings"):
         create_model("ddpm_uncond", {"surroundings": "partition"})
+
+
+def test_classes_brighter_than_the_lv_myocardium_midpoint_do_not_fill_a_bank_heart() -> None:
+    labels = np.zeros((1, 8, 8), np.uint8)
+    labels[0, 2:4, 2:4], labels[0, 4:6, 2:4] = LV, MYO
+    parts = np.where(labels == BACKGROUND, 1, 0).astype(np.uint8)
+    parts[0, :, 5:] = 2  # bright: above the midpoint of LV (1.0) and MYO (0.2)
+    parts[0, :, 7:] = 3  # dark
+    images = np.full((1, 1, 8, 8), 0.1, np.float32)
+    images[0, 0][labels[0] == LV], images[0, 0][labels[0] == MYO] = 1.0, 0.2
+    images[0, 0][parts[0] == 2] = 0.9
+    assert bright_classes(images, labels, parts, 3) == (2,)
+    assert bright_classes(images, np.zeros_like(labels), parts, 3) == ()  # no LV / MYO: nothing to compare with

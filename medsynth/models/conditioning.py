@@ -63,7 +63,9 @@ class SurroundingsKeys(StrictModel):
         description="none: one-hot heart labels only; partition: heart labels plus the unsupervised surroundings "
         "classes (outside the body, lung, body wall, liver, vessels)",
     )
-    surroundings_classes: int = Field(DEFAULT_CLASSES, ge=2, description="surroundings classes K (partition)")
+    surroundings_classes: int = Field(
+        DEFAULT_CLASSES, ge=2, le=16, description="surroundings classes K (partition): outside the body + K-1 body"
+    )
     partition_bank: int = Field(256, ge=1, description="training partitions kept in the model (uint8)")
     partition_match: int = Field(5, ge=1, description="a new map gets one of the best-matching bank partitions")
 
