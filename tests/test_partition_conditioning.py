@@ -20,7 +20,7 @@ from medsynth.models.conditioning import BANK_ARRAY, bright_classes
 from medsynth.models.latent.common import labels_to_size, one_hot
 from medsynth.models.registry import create_model, load_model
 
-FAMILIES = ["pix2pix", "spade", "ddpm", "ldm"]
+FAMILIES = ["pix2pix", "spade", "ddpm", "ldm", "cvae"]
 K = 4  # not the default (5), so a channel count that ignored the key would show
 PARTITION = {"surroundings": "partition", "surroundings_classes": K, "partition_bank": 6}
 
@@ -134,7 +134,7 @@ def test_none_is_the_heart_labels_alone(family: str, cine: SliceSet, tmp_path: P
     assert a.tobytes() == none.sample(len(labels), labels, seed=2).images.tobytes()
 
 
-@pytest.mark.parametrize("family", ["pix2pix", "spade", "ddpm"])
+@pytest.mark.parametrize("family", ["pix2pix", "spade", "ddpm", "cvae"])
 def test_a_model_saved_before_the_key_existed_loads_as_none(family: str, cine: SliceSet, tmp_path: Path) -> None:
     model = _fit(family, cine)
     labels = _labels(cine)

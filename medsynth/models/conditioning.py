@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 Surroundings = Literal["none", "partition"]
 #: array name of the saved bank (uint8 (B, H, W) partitions)
 BANK_ARRAY = "partition_bank"
+C = TypeVar("C", bound="SurroundingsKeys")
 
 
 class SurroundingsKeys(StrictModel):
@@ -158,12 +159,17 @@ class LabelCondition:
         self.bank = np.asarray(arrays[BANK_ARRAY], dtype=np.uint8) if self.classes else None
         self.exclude = tuple(int(c) for c in meta.get("partition_exclude", ())) if self.classes else ()
 
-    def config_update(self, config: SurroundingsKeys) -> dict[str, Any]:
-        """Config keys that make ``config`` say what the loaded state is (e.g. ``surroundings: none`` for a
-        model saved before the key existed, whatever today's default)."""
+    def restore(self, config: C, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> C:
+        """:meth:`load`, then ``config`` made to say what the loaded state is (e.g. ``surroundings: none`` for a
+        model saved before the key existed, whatever today's default); returns the config to keep."""
+        self.load(arrays, meta)
         if self.uses_partition:
-            return {"surroundings": "partition", "surroundings_classes": self.classes}
-        return {"surroundings": "none"} if config.surroundings != "none" else {}
+            update = {"surroundings": "partition", "surroundings_classes": self.classes}
+        else:
+            update = {"surroundings": "none"}
+        if all(getattr(config, k) == v for k, v in update.items()):
+            return config
+        return config.model_copy(update=update)
 
 
 __all__ = ["BANK_ARRAY", "LabelCondition", "Surroundings", "SurroundingsKeys", "bright_classes"]

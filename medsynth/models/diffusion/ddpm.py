@@ -380,10 +380,7 @@ class DiffusionFamily(TorchFamily, Sampler):
     def load_extra_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self.native = (int(meta["native"][0]), int(meta["native"][1]))
         # the saved state decides the condition (and so the U-Net's input channels), not today's defaults
-        self.condition.load(arrays, meta)
-        update = self.condition.config_update(self.config)
-        if update:
-            self.config = self.config.model_copy(update=update)
+        self.config = self.condition.restore(self.config, arrays, meta)
 
 
 class DDPMModel(DiffusionFamily, Scorer):

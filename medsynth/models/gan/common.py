@@ -180,7 +180,4 @@ class LabelGAN(TorchFamily):
         self.lo, self.hi = float(meta["lo"]), float(meta["hi"])
         self.center, self.scale = float(meta["center"]), float(meta["scale"])
         # the saved state decides the condition (and so the networks' input channels), not today's defaults
-        self.condition.load(arrays, meta)
-        update = self.condition.config_update(self.config)
-        if update:
-            self.config = self.config.model_copy(update=update)
+        self.config = self.condition.restore(self.config, arrays, meta)
