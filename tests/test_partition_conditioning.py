@@ -1,7 +1,8 @@
 """Label-conditioned torch families conditioned on the heart labels plus the surroundings partition
 (``surroundings: partition``, :mod:`medsynth.models.conditioning`): condition channels, the saved bank,
 determinism, save/load, heart labels never overwritten, ``none`` unchanged, models saved before the key load.
-Tiny fits (a few steps) on 16 px phantom slices: these test the plumbing, not image quality."""
+Tiny fits (each family's ``tiny_config``: a few steps at 16 px) on 32 px phantom slices: these test the
+plumbing, not image quality."""
 
 from __future__ import annotations
 

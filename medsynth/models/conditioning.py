@@ -1,7 +1,7 @@
 """What a label-conditioned network sees: the heart labels alone, or the heart labels plus the surroundings
 partition (:mod:`medsynth.synthesis.partition`). Shared by the label → image torch families (pix2pix, SPADE,
-the label-mode diffusion and latent diffusion), so the config keys, the bank and the condition tensors have
-one implementation.
+the label-mode diffusion ``ddpm``, the latent diffusion ``ldm`` and the ``cvae``), so the config keys, the bank
+and the condition tensors have one implementation.
 
 ``surroundings`` (config key, :class:`SurroundingsKeys`):
 
