@@ -7,7 +7,10 @@ stays a class flag):
   image as input channels (``DiffusionInferer`` ``mode="concat"``). Classifier-free guidance: during training the
   condition is replaced by the null condition (all-zero one-hot) with probability ``cond_drop_prob``; at
   sampling ``ε̂ = ε(x, ∅) + w · (ε(x, c) − ε(x, ∅))`` with ``w = guidance_scale`` (w = 0: unconditional, w = 1:
-  conditional, w > 1: guided). The same combination is applied to a v-prediction. (MONAI's
+  conditional, w > 1: guided). The same combination is applied to a v-prediction. With ``surroundings:
+  partition`` the condition is the heart labels plus the surroundings partition (6 + ``surroundings_classes``
+  channels; :mod:`medsynth.models.conditioning`): the training slices' own partitions, a saved bank of them
+  attached to new label maps at sampling (drawn from the sample seed), the slice's own partition for scores. (MONAI's
   ``SPADEDiffusionModelUNet`` is not used: concatenation is simpler and has no CFG batch-size limitation.)
 - ``ddpm_uncond``: image only, no condition.
 - ``ddpm_joint``: joint image–label generation, an unconditional diffusion over (image, one-hot label) channels
@@ -49,9 +52,10 @@ from torch import nn
 
 from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
-from medsynth.errors import LabelError, MedsynthError
+from medsynth.errors import ConfigError, LabelError, MedsynthError
 from medsynth.labels import MVO, MYO, N_CLASSES, SCAR
 from medsynth.models.base import AnomalyScores, Sampler, Samples, Scorer
+from medsynth.models.conditioning import LabelCondition, SurroundingsKeys
 from medsynth.models.diffusion.plausibility import check_label_maps
 from medsynth.models.diffusion.schedulers import ddim_timesteps, make_schedulers
 from medsynth.models.latent.common import labels_to_size, maps_to_size, one_hot, to_size, validate_label_maps
@@ -63,8 +67,9 @@ log = logging.getLogger(__name__)
 Mode = Literal["label", "unconditional", "joint"]
 
 
-class DDPMConfig(TorchConfig):
-    """Diffusion keys plus the shared torch keys (here steps 1000, batch_size 16, lr 2e-4, ema_decay 0.995).
+class DDPMConfig(TorchConfig, SurroundingsKeys):
+    """Diffusion keys plus the shared torch keys (here steps 1000, batch_size 16, lr 2e-4, ema_decay 0.995) and
+    the condition's ``surroundings`` keys (label mode only).
 
     CPU-sized defaults (32 px, channels (16, 32, 64), no attention). The default fit took 35 min on the
     2-subject phantom on a 2-core CPU shared with other jobs, and its samples are NOT yet recognisable by
@@ -152,6 +157,9 @@ class DiffusionFamily(TorchFamily, Sampler):
                                                cfg.beta_start, cfg.beta_end)  # fmt: skip
         self.inferer = DiffusionInferer(self.ddpm)
         self.last_sample_report: dict[str, Any] = {}
+        if self.mode != "label" and cfg.surroundings != "none":
+            raise ConfigError(f"surroundings: {self.family} has no label condition; only 'none' applies")
+        self.condition = LabelCondition(cfg)
 
     # ---- channels --------------------------------------------------------------------------------------
     @property
@@ -166,7 +174,12 @@ class DiffusionFamily(TorchFamily, Sampler):
 
     @property
     def cond_channels(self) -> int:
-        return N_CLASSES if self.mode == "label" else 0
+        """Condition channels concatenated to the input (label mode: ``N_CLASSES``, + K with a partition)."""
+        return self.condition.channels if self.mode == "label" else 0
+
+    def begin_slice_fit(self, train: SliceSet, seed: int) -> None:
+        self.condition = LabelCondition(self.config)  # the config decides a new fit's condition channels
+        super().begin_slice_fit(train, seed)
 
     def build_modules(self) -> dict[str, nn.Module]:
         cfg = self.config
@@ -184,11 +197,12 @@ class DiffusionFamily(TorchFamily, Sampler):
             )
         }
 
-    def _x0(self, slices: SliceSet) -> tuple[torch.Tensor, torch.Tensor]:
-        """(model-scale x (N, C, s, s), labels (N, s, s) long) on the device."""
+    def _x0(self, slices: SliceSet, maps: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model-scale x (N, C, s, s), condition maps (N, s, s) long) on the device; ``maps`` (N, H, W) default
+        to the slices' canonical labels."""
         s = self.config.image_size
         x = self.tensor(to_size(slices.images, s)) * 2 - 1
-        lab = self.tensor(labels_to_size(slices.labels, s), dtype=torch.long)
+        lab = self.tensor(labels_to_size(slices.labels if maps is None else maps, s), dtype=torch.long)
         if self.mode == "joint":
             x = torch.cat([x, one_hot(lab) * 2 - 1], dim=1)
         return x, lab
@@ -198,7 +212,8 @@ class DiffusionFamily(TorchFamily, Sampler):
     def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
         cfg = self.config
         self.begin_slice_fit(train, seed)
-        data = self._x0(train)
+        # the condition maps of the training slices (with a partition: extended maps, and the bank is kept)
+        data = self._x0(train, self.condition.fit_maps(train.images, train.labels, seed))
         unet = self.nets["unet"]
 
         def loss_fn(batch: tuple[torch.Tensor, torch.Tensor], it: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -207,7 +222,7 @@ class DiffusionFamily(TorchFamily, Sampler):
             noise = torch.randn_like(x)
             if self.mode == "label":
                 keep = (torch.rand(len(x), device=x.device) >= cfg.cond_drop_prob).float().view(-1, 1, 1, 1)
-                pred = self.inferer(x, unet, noise, t, condition=one_hot(lab) * keep, mode="concat")
+                pred = self.inferer(x, unet, noise, t, condition=self.condition.one_hot(lab) * keep, mode="concat")
             else:
                 pred = self.inferer(x, unet, noise, t)
             target = noise if cfg.prediction == "epsilon" else self.ddpm.get_velocity(x, noise, t)
@@ -225,12 +240,12 @@ class DiffusionFamily(TorchFamily, Sampler):
     def evaluate(self, slices: SliceSet, seed: int = 0) -> float:
         """Held-out denoising loss (same target as training, conditional, fixed-seed t and noise)."""
         self._require_fitted()
-        x, lab = self._x0(slices)
+        x, lab = self._x0(slices, self.condition.maps_for(slices.labels, seed, slices.images))
         g = torch.Generator().manual_seed(seed)
         t = torch.randint(0, self.config.timesteps, (len(x),), generator=g).to(self.device)
         noise = self.tensor(torch.randn(x.shape, generator=g))
         xt = self.ddpm.add_noise(x, noise, t)
-        pred = self.predict(xt, t, one_hot(lab) if self.mode == "label" else None, 1.0)
+        pred = self.predict(xt, t, self.condition.one_hot(lab) if self.mode == "label" else None, 1.0)
         target = noise if self.config.prediction == "epsilon" else self.ddpm.get_velocity(x, noise, t)
         return float(F.mse_loss(pred, target))
 
@@ -300,7 +315,7 @@ class DiffusionFamily(TorchFamily, Sampler):
             cond = None
             if self.mode == "label":
                 small = labels_to_size(labels[start : start + b], s)
-                cond = one_hot(self.tensor(small, dtype=torch.long))
+                cond = self.condition.one_hot(self.tensor(small, dtype=torch.long))
             out.append(self.reverse(x, cond, g))
         return torch.cat(out) if out else torch.zeros((0, self.x_channels, s, s), device=self.device)
 
@@ -317,7 +332,8 @@ class DiffusionFamily(TorchFamily, Sampler):
             raise ValueError(f"n: must be >= 0, got {n}")
         if self.mode == "label":
             labels = validate_label_maps(labels, self.family, n)
-            return Samples(self._to_images(self._draw(n, labels, seed), labels.shape[1:]), labels)
+            maps = self.condition.maps_for(labels, seed)  # with a partition: bank surroundings from the seed
+            return Samples(self._to_images(self._draw(n, maps, seed), labels.shape[1:]), labels)
         if self.mode == "unconditional":
             return Samples(self._to_images(self._draw(n, None, seed), self.native), None)
         return self._sample_joint(n, seed)
@@ -358,10 +374,13 @@ class DiffusionFamily(TorchFamily, Sampler):
 
     # ---- state beside the weights (``unet.*`` / ``ema.unet.*`` come from TorchFamily) --------------------
     def extra_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        return {}, {"native": list(self.native)}
+        arrays, cond_meta = self.condition.state()
+        return arrays, {"native": list(self.native), **cond_meta}
 
     def load_extra_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self.native = (int(meta["native"][0]), int(meta["native"][1]))
+        # the saved state decides the condition (and so the U-Net's input channels), not today's defaults
+        self.config = self.condition.restore(self.config, arrays, meta)
 
 
 class DDPMModel(DiffusionFamily, Scorer):
@@ -378,7 +397,8 @@ class DDPMModel(DiffusionFamily, Scorer):
         cfg = self.config
         lab = slices.labels.copy()
         lab[np.isin(lab, (SCAR, MVO))] = MYO  # the healthy counterpart the model learnt on
-        x, small = self._x0(SliceSet(slices.images, lab, slices.meta))
+        # the condition carries the slice's own partition (when the model uses one)
+        x, small = self._x0(SliceSet(slices.images, lab, slices.meta), self.condition.maps_for(lab, 0, slices.images))
         g = torch.Generator().manual_seed(0)
         seq = ddim_timesteps(cfg.anomaly_t0, cfg.anomaly_steps + 1)
         errs = []
@@ -386,7 +406,7 @@ class DDPMModel(DiffusionFamily, Scorer):
             xb = x[start : start + cfg.sample_batch]
             noise = self.tensor(torch.randn(xb.shape, generator=g))
             t0 = torch.full((len(xb),), cfg.anomaly_t0, device=xb.device, dtype=torch.long)
-            cond = one_hot(small[start : start + cfg.sample_batch]) if self.mode == "label" else None
+            cond = self.condition.one_hot(small[start : start + cfg.sample_batch]) if self.mode == "label" else None
             rec = self.reverse(self.ddpm.add_noise(xb, noise, t0), cond, g, sequence=seq)
             errs.append(self.numpy((rec[:, 0] - xb[:, 0]) / 2))  # model scale → intensity units
         err = np.concatenate(errs) if errs else np.zeros((0, cfg.image_size, cfg.image_size), np.float32)

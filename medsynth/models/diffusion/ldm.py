@@ -8,7 +8,8 @@ Two phases in one ``fit``, both through the one training loop:
 2. ``loss`` (``steps`` iterations): the diffusion U-Net on the posterior means ``z`` (C_lat, s/f, s/f) times the
    scale factor ``1 / std(z)`` over the training latents (so the latents have unit variance, as the noise
    schedule assumes), conditioned on the one-hot label map resized (nearest) to the latent size, with
-   classifier-free guidance as in ``ddpm``.
+   classifier-free guidance as in ``ddpm``; with ``surroundings: partition`` the map is the heart labels plus
+   the surroundings partition, as in ``ddpm`` (:mod:`medsynth.models.conditioning`).
 
 Sampling runs the reverse process in latent space (the corrected DDIM or DDPM) and decodes ``z / scale``; the
 image is mapped back to the slice scale and resized to the label maps' size. With checkpoints on, phase 1 keeps
@@ -33,7 +34,7 @@ from torch import nn
 from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
 from medsynth.models.diffusion.ddpm import DDPMConfig, DiffusionFamily, Mode
-from medsynth.models.latent.common import labels_to_size, maps_to_size, one_hot, to_size
+from medsynth.models.latent.common import labels_to_size, maps_to_size, to_size
 from medsynth.models.training import TrainResult
 from medsynth.utils.seeding import exclusive_global_rng
 
@@ -119,7 +120,8 @@ class LDMModel(DiffusionFamily):
         self.begin_slice_fit(train, seed)
         ae, unet = self.nets["ae"], self.nets["unet"]
         x = self.tensor(to_size(train.images, cfg.image_size)) * 2 - 1
-        lab = self.tensor(labels_to_size(train.labels, self.work_size), dtype=torch.long)
+        maps = self.condition.fit_maps(train.images, train.labels, seed)  # with a partition: extended, bank kept
+        lab = self.tensor(labels_to_size(maps, self.work_size), dtype=torch.long)
 
         def ae_loss(batch: torch.Tensor, it: int) -> tuple[torch.Tensor, dict[str, float]]:
             recon, mu, sigma = ae(batch)
@@ -141,7 +143,7 @@ class LDMModel(DiffusionFamily):
             t = torch.randint(0, cfg.timesteps, (len(z0),), device=z0.device)
             noise = torch.randn_like(z0)
             keep = (torch.rand(len(z0), device=z0.device) >= cfg.cond_drop_prob).float().view(-1, 1, 1, 1)
-            pred = self.inferer(z0, unet, noise, t, condition=one_hot(c) * keep, mode="concat")
+            pred = self.inferer(z0, unet, noise, t, condition=self.condition.one_hot(c) * keep, mode="concat")
             target = noise if cfg.prediction == "epsilon" else self.ddpm.get_velocity(z0, noise, t)
             return F.mse_loss(pred.float(), target), {}
 

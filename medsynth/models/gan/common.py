@@ -1,5 +1,6 @@
 """What pix2pix and SPADE share: the working-size config keys, the intensity scaling between medsynth's slice
-scale and the generators' standardised scale, label-map checks, the paired training data and the
+scale and the generators' standardised scale, label-map checks, the condition (heart labels alone, or plus the
+surroundings partition: ``surroundings``, :mod:`medsynth.models.conditioning`), the paired training data and the
 resize-back of samples.
 
 Slice intensities are robust-normalised (about [0, 1], not clipped above). The generators have a linear head
@@ -23,11 +24,11 @@ from pydantic import Field
 from torch import nn
 
 from medsynth.data.slices import SliceSet
+from medsynth.models.conditioning import LabelCondition, SurroundingsKeys
 from medsynth.models.latent.common import (
     check_slices,
     labels_to_size,
     maps_to_size,
-    one_hot,
     to_size,
     validate_label_maps,
 )
@@ -37,8 +38,9 @@ from medsynth.models.torch_family import TorchConfig, TorchFamily
 LossFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
 
 
-class LabelGANConfig(TorchConfig):
-    """Keys shared by the label-conditioned GANs (here steps 2000, batch_size 8, lr 2e-4)."""
+class LabelGANConfig(TorchConfig, SurroundingsKeys):
+    """Keys shared by the label-conditioned GANs (here steps 2000, batch_size 8, lr 2e-4), with the condition's
+    ``surroundings`` keys."""
 
     image_size: int = Field(64, ge=8, description="working size (square); samples are resized back")
     steps: int = Field(2000, ge=0)
@@ -60,6 +62,12 @@ class LabelGAN(TorchFamily):
         self.native: tuple[int, int] = (self.config.image_size, self.config.image_size)
         self.lo, self.hi = 0.0, 1.0
         self.center, self.scale = 0.0, 1.0
+        self.condition = LabelCondition(self.config)
+
+    @property
+    def cond_channels(self) -> int:
+        """Channels of the one-hot condition the networks see (``N_CLASSES``, + K with a partition)."""
+        return self.condition.channels
 
     # ---- intensity scale -----------------------------------------------------------------------------
     def set_scale(self, images: np.ndarray) -> None:
@@ -78,19 +86,32 @@ class LabelGAN(TorchFamily):
         return np.clip(y * self.scale + self.center, self.lo, self.hi).astype(np.float32)
 
     # ---- data ----------------------------------------------------------------------------------------
-    def paired(self, slices: SliceSet) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images (N, 1, s, s) on the generator's scale, labels (N, s, s) int64) on the device."""
+    def paired(self, slices: SliceSet, maps: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (N, 1, s, s) on the generator's scale, condition maps (N, s, s) int64) on the device;
+        ``maps`` (N, H, W) default to the slices' canonical labels."""
         s = self.config.image_size
         x = self.tensor(self.to_gen(to_size(slices.images, s)))
-        lab = self.tensor(labels_to_size(slices.labels.astype(np.uint8), s), dtype=torch.long)
+        maps = slices.labels if maps is None else maps
+        lab = self.tensor(labels_to_size(maps.astype(np.uint8), s), dtype=torch.long)
         return x, lab
 
     def check_labels(self, labels: np.ndarray | None, n: int | None = None) -> np.ndarray:
         return validate_label_maps(labels, self.family, n)
 
-    def cond(self, labels: np.ndarray) -> torch.Tensor:
-        """(n, H, W) canonical codes → (n, K, s, s) one-hot on the device (nearest-neighbour resize)."""
-        return one_hot(self.tensor(labels_to_size(labels, self.config.image_size), dtype=torch.long))
+    def condition_maps(self, labels: np.ndarray, seed: int, images: np.ndarray | None = None) -> np.ndarray:
+        """Condition maps (n, H, W) for canonical ``labels`` (n, H, W) to render: the labels themselves, or with
+        a partition the extended maps (bank partitions drawn from ``seed``, or the partition of the real
+        ``images`` (n, 1, H, W) when given); see :meth:`LabelCondition.maps_for`."""
+        return self.condition.maps_for(labels, seed, images)
+
+    def one_hot(self, maps: torch.Tensor) -> torch.Tensor:
+        """(n, s, s) condition maps at the working size → (n, cond_channels, s, s) one-hot on their device."""
+        return self.condition.one_hot(maps)
+
+    def cond(self, maps: np.ndarray) -> torch.Tensor:
+        """(n, H, W) condition maps (:meth:`condition_maps`) → (n, cond_channels, s, s) one-hot on the device
+        (nearest-neighbour resize)."""
+        return self.one_hot(self.tensor(labels_to_size(maps, self.config.image_size), dtype=torch.long))
 
     def back(self, y: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
         """Generator output (n, 1, s, s) → (n, 1, H, W) float32 on the slice scale."""
@@ -111,6 +132,7 @@ class LabelGAN(TorchFamily):
         self.begin_fit(seed)
         self.native = train.image_size
         self.set_scale(train.images)
+        self.condition = LabelCondition(self.config)  # the config decides a new fit's condition channels
         self.set_modules(self.build_modules())
         return self.nets["gen"], self._discriminator().to(self.device)
 
@@ -137,7 +159,8 @@ class LabelGAN(TorchFamily):
             self.make_step("generator", gen.parameters(), gen_loss, [gen], betas=betas),
         ]  # fmt: skip
         t0 = time.perf_counter()
-        data = self.paired(train)
+        # the condition maps of the training slices (with a partition: extended maps, and the bank is kept)
+        data = self.paired(train, self.condition.fit_maps(train.images, train.labels, seed))
         res = self.train_steps(steps, data, seed, extra_modules={"disc": disc}, prepare=forward, main="generator")
         elapsed = time.perf_counter() - t0
         self.fitted = True
@@ -149,9 +172,12 @@ class LabelGAN(TorchFamily):
     # ---- state beside the weights ----------------------------------------------------------------------
     def extra_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         meta = {"native": list(self.native), "lo": self.lo, "hi": self.hi, "center": self.center, "scale": self.scale}
-        return {}, meta
+        arrays, cond_meta = self.condition.state()
+        return arrays, {**meta, **cond_meta}
 
     def load_extra_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self.native = (int(meta["native"][0]), int(meta["native"][1]))
         self.lo, self.hi = float(meta["lo"]), float(meta["hi"])
         self.center, self.scale = float(meta["center"]), float(meta["scale"])
+        # the saved state decides the condition (and so the networks' input channels), not today's defaults
+        self.config = self.condition.restore(self.config, arrays, meta)

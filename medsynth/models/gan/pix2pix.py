@@ -2,10 +2,12 @@
 
 The generator (MONAI ``UNet``, :func:`~medsynth.models.gan.networks.unet_generator`) sees the one-hot
 canonical label map (K = 6 channels: background, LV, myocardium, RV, scar, MVO, so EMIDEC scar / MVO condition
-the image like any other class) plus ``noise_channels`` channels of coarse Gaussian noise (drawn on a
-``noise_res`` grid and upsampled bilinearly) for diversity; the noise is seeded, so the same seed gives the same
-sample. ``dropout`` regularises the U-Net during training only (inference is deterministic given the noise).
-The paper's test-time dropout is not used: it would make sampling depend on the global RNG.
+the image like any other class; with ``surroundings: partition`` 6 + ``surroundings_classes`` channels, the heart
+labels plus the surroundings partition, :mod:`medsynth.models.conditioning`) plus ``noise_channels`` channels
+of coarse Gaussian noise (drawn on a ``noise_res`` grid and upsampled bilinearly) for diversity; the noise is
+seeded, so the same seed gives the same sample. ``dropout`` regularises the U-Net during training only
+(inference is deterministic given the noise). The paper's test-time dropout is not used: it would make sampling
+depend on the global RNG.
 
 The discriminator is a MONAI ``PatchDiscriminator`` (3 layers of kernel 4: the 70×70 receptive field) on
 (one-hot label, image) pairs. Losses: ``lambda_l1`` (100) · L1(G(l, z), x) plus an adversarial loss chosen by
@@ -31,12 +33,10 @@ from torch import nn
 
 from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
-from medsynth.labels import N_CLASSES
 from medsynth.models.base import Sampler, Samples
 from medsynth.models.gan.common import LabelGAN, LabelGANConfig
 from medsynth.models.gan.losses import Adversarial, AdversarialKind
 from medsynth.models.gan.networks import patch_discriminator, unet_generator
-from medsynth.models.latent.common import one_hot
 from medsynth.utils.seeding import exclusive_global_rng
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,13 @@ class Pix2PixModel(LabelGAN, Sampler):
 
     def build_modules(self) -> dict[str, nn.Module]:
         cfg = self.config
-        return {"gen": unet_generator(N_CLASSES + cfg.noise_channels, cfg.channels, cfg.num_res_units, cfg.dropout)}
+        return {
+            "gen": unet_generator(self.cond_channels + cfg.noise_channels, cfg.channels, cfg.num_res_units, cfg.dropout)
+        }
 
     def _discriminator(self) -> nn.Module:
         cfg = self.config
-        return patch_discriminator(N_CLASSES + 1, cfg.disc_channels, cfg.disc_layers)
+        return patch_discriminator(self.cond_channels + 1, cfg.disc_channels, cfg.disc_layers)
 
     def _noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n, noise_channels, s, s) coarse noise on the device; CPU draws from ``generator`` when given (the
@@ -117,7 +119,7 @@ class Pix2PixModel(LabelGAN, Sampler):
         def forward(batch: tuple[torch.Tensor, torch.Tensor], step: int) -> tuple[torch.Tensor, ...]:
             # one generator forward per iteration, shared by both steps (the discriminator sees it detached)
             x, lab = batch
-            cond = one_hot(lab)
+            cond = self.one_hot(lab)
             noise = self._noise(len(x)) if cfg.noise_channels else None
             return x, cond, self._generate(gen, cond, noise)
 
@@ -141,7 +143,8 @@ class Pix2PixModel(LabelGAN, Sampler):
         """Held-out L1 between generated (seed 0) and real images, on the generator's standardised scale."""
         self._require_fitted()
         x, _ = self.paired(slices)
-        y = self._run(self.check_labels(slices.labels), seed=0)
+        # held-out real slices: the condition carries their own partition (when the model uses one)
+        y = self._run(self.condition_maps(self.check_labels(slices.labels), 0, slices.images), seed=0)
         return {"val_l1": float((y - x).abs().mean())}
 
     # ---- contract ------------------------------------------------------------------------------------
@@ -162,4 +165,5 @@ class Pix2PixModel(LabelGAN, Sampler):
         labels = self.check_labels(labels, n)
         if n == 0:
             return Samples(np.zeros((0, 1, *labels.shape[1:]), np.float32), labels)
-        return Samples(images=self.back(self._run(labels, seed), labels.shape[1:]), labels=labels)
+        maps = self.condition_maps(labels, seed)  # with a partition: bank surroundings drawn from the seed
+        return Samples(images=self.back(self._run(maps, seed), labels.shape[1:]), labels=labels)

@@ -40,7 +40,6 @@ from torch import nn
 
 from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
-from medsynth.labels import N_CLASSES
 from medsynth.models.base import Sampler, Samples
 from medsynth.models.gan.common import LabelGAN, LabelGANConfig
 from medsynth.models.gan.losses import Adversarial, AdversarialKind, feature_matching, kl_normal
@@ -108,11 +107,12 @@ class SpadeModel(LabelGAN, Sampler):
     def build_modules(self) -> dict[str, nn.Module]:
         cfg = self.config
         z_dim = cfg.z_dim if cfg.style_encoder else None
-        return {"gen": spade_generator(N_CLASSES, cfg.image_size, cfg.channels, z_dim, cfg.spade_hidden)}
+        return {"gen": spade_generator(self.cond_channels, cfg.image_size, cfg.channels, z_dim, cfg.spade_hidden)}
 
     def _discriminator(self) -> nn.Module:
         cfg = self.config
-        return multiscale_discriminator(N_CLASSES + 1, cfg.disc_channels, cfg.num_d, cfg.disc_layers, cfg.image_size)
+        n_in = self.cond_channels + 1
+        return multiscale_discriminator(n_in, cfg.disc_channels, cfg.num_d, cfg.disc_layers, cfg.image_size)
 
     # ---- fitting -------------------------------------------------------------------------------------
     @exclusive_global_rng
@@ -126,7 +126,7 @@ class SpadeModel(LabelGAN, Sampler):
         def forward(batch: tuple[torch.Tensor, torch.Tensor], step: int) -> tuple[torch.Tensor, ...]:
             # one generator forward per iteration, shared by both steps (the discriminator sees it detached)
             x, lab = batch
-            cond = one_hot(lab)
+            cond = one_hot(lab, self.cond_channels)
             if cfg.style_encoder:
                 fake, mu, logvar = gen(cond, x)  # reparameterised with torch's global RNG (seeded by the loop)
                 return x, cond, fake, kl_normal(mu, logvar)
@@ -161,7 +161,7 @@ class SpadeModel(LabelGAN, Sampler):
         reconstruction from each slice's own style code."""
         self._require_fitted()
         x, _ = self.paired(slices)
-        labels = self.check_labels(slices.labels)
+        labels = self.condition_maps(self.check_labels(slices.labels), 0, slices.images)
         out = {"val_l1": float((self._run(labels, None, seed=0) - x).abs().mean())}
         if self.config.style_encoder:
             out["val_recon_l1"] = float((self._run(labels, slices.images, seed=0) - x).abs().mean())
@@ -197,4 +197,5 @@ class SpadeModel(LabelGAN, Sampler):
         labels = self.check_labels(labels, n)
         if n == 0:
             return Samples(np.zeros((0, 1, *labels.shape[1:]), np.float32), labels)
-        return Samples(images=self.back(self._run(labels, None, seed), labels.shape[1:]), labels=labels)
+        maps = self.condition_maps(labels, seed)
+        return Samples(images=self.back(self._run(maps, None, seed), labels.shape[1:]), labels=labels)

@@ -13,7 +13,8 @@ outputs (samples, score maps) are resized back to the native training / input si
 - **cVAE**: MONAI's VarAutoEncoder has no way to feed the condition to the decoder, so the conditional net is a
   small custom encoder/decoder built from MONAI ``Convolution`` blocks: the encoder sees image + one-hot label
   map, the decoder upsamples ``z`` and concatenates the one-hot label map at every scale (SPADE-lite). It
-  generates an image for a given label map (``conditional = True``).
+  generates an image for a given label map (``conditional = True``). With ``surroundings: partition`` the
+  label map is the heart labels plus the surroundings partition (:mod:`medsynth.models.conditioning`).
 
 Loss: reconstruction NLL of a fixed-scale decoder — L2: Gaussian with σ = ``recon_scale``; L1: Laplace with
 b = ``recon_scale`` — plus ``β``·KL (VAE/cVAE), with β linearly annealed from 0 over ``kl_anneal_steps``; the
@@ -61,9 +62,10 @@ from torch import nn
 
 from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
-from medsynth.labels import MVO, MYO, N_CLASSES, SCAR
+from medsynth.labels import MVO, MYO, SCAR
 from medsynth.models.base import AnomalyScores, Sampler, Samples, Scorer
-from medsynth.models.latent.common import labels_to_size, maps_to_size, one_hot, to_size, validate_label_maps
+from medsynth.models.conditioning import LabelCondition, SurroundingsKeys
+from medsynth.models.latent.common import labels_to_size, maps_to_size, to_size, validate_label_maps
 from medsynth.models.torch_family import TorchConfig, TorchFamily
 from medsynth.utils.seeding import exclusive_global_rng
 
@@ -118,7 +120,7 @@ class VAEConfig(AEConfig):
     )
 
 
-class CVAEConfig(VAEConfig):
+class CVAEConfig(VAEConfig, SurroundingsKeys):
     """cVAE keys: as the VAE (codes from the aggregate posterior by default: measured on 2 phantom subjects,
     N(0, I) codes gave the right heart from the label map inside blotchy noise, with a weak blood–myocardium
     contrast), here with batch_size 16: its decoder sees the label map at every scale, so a step costs ~2× the
@@ -213,6 +215,10 @@ class AEModel(TorchFamily, Sampler, Scorer):
         """(N, 1[+1], s, s) tensor on the device; the cVAE appends its label map as a second channel."""
         return self.tensor(to_size(slices.images, self.config.image_size))
 
+    def _fit_inputs(self, train: SliceSet, seed: int) -> torch.Tensor:
+        """The training tensor (:meth:`_inputs` of ``train``; the cVAE's carries the training condition maps)."""
+        return self._inputs(train)
+
     def _encode(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net.encode_forward(batch[:, :1])
 
@@ -235,7 +241,7 @@ class AEModel(TorchFamily, Sampler, Scorer):
     def fit(self, train: SliceSet, val: SliceSet | None = None, seed: int = 0) -> dict[str, Any]:
         cfg = self.config
         self.begin_slice_fit(train, seed)
-        data = self._inputs(train)
+        data = self._fit_inputs(train, seed)
         d = cfg.image_size**2
 
         def loss_fn(batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -421,14 +427,29 @@ class CVAEModel(VAEModel):
     Config: ClassVar[type[StrictModel]] = CVAEConfig
     conditional: ClassVar[bool] = True
 
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self.condition = LabelCondition(self.config)
+
+    def begin_slice_fit(self, train: SliceSet, seed: int) -> None:
+        self.condition = LabelCondition(self.config)  # the config decides a new fit's condition channels
+        super().begin_slice_fit(train, seed)
+
     def _build(self) -> nn.Module:
         cfg = self.config
-        return CondVAENet(cfg.image_size, cfg.latent_size, cfg.channels, cfg.strides, N_CLASSES)
+        return CondVAENet(cfg.image_size, cfg.latent_size, cfg.channels, cfg.strides, self.condition.channels)
 
-    def _inputs(self, slices: SliceSet) -> torch.Tensor:
+    def _inputs(self, slices: SliceSet, maps: np.ndarray | None = None) -> torch.Tensor:
+        """(N, 2, s, s): image and condition map (codes as floats); ``maps`` default to the condition of the
+        slices themselves (with a partition: their own partition)."""
+        maps = self.condition.maps_for(slices.labels, 0, slices.images) if maps is None else maps
         x = self.tensor(to_size(slices.images, self.config.image_size))
-        lab = self.tensor(labels_to_size(slices.labels, self.config.image_size).astype(np.float32))[:, None]
+        lab = self.tensor(labels_to_size(maps, self.config.image_size).astype(np.float32))[:, None]
         return torch.cat([x, lab], dim=1)
+
+    def _fit_inputs(self, train: SliceSet, seed: int) -> torch.Tensor:
+        # with a partition: extended maps of the training slices, and the bank is kept
+        return self._inputs(train, self.condition.fit_maps(train.images, train.labels, seed))
 
     def _score_inputs(self, slices: SliceSet) -> torch.Tensor:
         # Score against the healthy counterpart: scar / MVO conditioned as healthy myocardium.
@@ -437,7 +458,7 @@ class CVAEModel(VAEModel):
         return self._inputs(SliceSet(slices.images, lab, slices.meta))
 
     def _cond(self, batch: torch.Tensor) -> torch.Tensor:
-        return one_hot(batch[:, 1].round().long())
+        return self.condition.one_hot(batch[:, 1].round().long())
 
     def _encode(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net.encode_forward(batch[:, :1], self._cond(batch))
@@ -452,9 +473,21 @@ class CVAEModel(VAEModel):
         labels = validate_label_maps(labels, self.family, n)
         g = torch.Generator().manual_seed(seed)
         z = self._latent_draws(n, g)
-        small = labels_to_size(labels, self.config.image_size)
+        maps = self.condition.maps_for(labels, seed)  # with a partition: bank surroundings drawn from the seed
+        small = labels_to_size(maps, self.config.image_size)
         batch = self.tensor(small.astype(np.float32))[:, None]
         batch = torch.cat([torch.zeros_like(batch), batch], dim=1)
         x = self.numpy(self._decode(z, batch)) if n else np.zeros((0, 1, *labels.shape[1:]), np.float32)
         images = maps_to_size(x[:, 0], labels.shape[1:])[:, None] if n else x
         return Samples(images=images.astype(np.float32), labels=labels.astype(np.uint8))
+
+    # ---- state beside the weights: the autoencoders' plus the condition's (partition bank) ------------------
+    def extra_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, meta = super().extra_state()
+        cond_arrays, cond_meta = self.condition.state()
+        return {**arrays, **cond_arrays}, {**meta, **cond_meta}
+
+    def load_extra_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        super().load_extra_state(arrays, meta)
+        # the saved state decides the condition (and so the network's input channels), not today's defaults
+        self.config = self.condition.restore(self.config, arrays, meta)

@@ -38,7 +38,8 @@ def maps_to_size(maps: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def one_hot(labels: np.ndarray | torch.Tensor, n_classes: int = N_CLASSES) -> torch.Tensor:
-    """(N, H, W) canonical codes → (N, K, H, W) float one-hot."""
+    """(N, H, W) codes 0..n_classes-1 → (N, n_classes, H, W) float one-hot (canonical codes by default; the
+    extended maps of :mod:`medsynth.models.conditioning` pass their own ``n_classes``)."""
     # tensors stay on their device (the cVAE conditions on label channels of a CUDA batch)
     t = labels.long() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels), dtype=torch.long)
     return F.one_hot(t.clamp(0, n_classes - 1), n_classes).permute(0, 3, 1, 2).float()
