@@ -40,8 +40,9 @@ from torch import nn
 
 from medsynth.config import KeyProblem, StrictModel
 from medsynth.data.slices import SliceSet
+from medsynth.errors import GeometryError
 from medsynth.labels import N_CLASSES
-from medsynth.models.base import Sampler, Samples
+from medsynth.models.base import Sampler, Samples, StyleTransfer
 from medsynth.models.gan.common import LabelGAN, LabelGANConfig
 from medsynth.models.gan.losses import Adversarial, AdversarialKind, feature_matching, kl_normal
 from medsynth.models.gan.networks import multiscale_discriminator, spade_generator
@@ -65,6 +66,15 @@ class SpadeConfig(LabelGANConfig):
     spade_hidden: int = Field(32, ge=1, description="width of the SPADE modulation layers")
     style_encoder: bool = Field(True, description="VAE style encoder (random / reference-image styles)")
     z_dim: int = Field(16, ge=1, description="style code size")
+    style_every_block: bool = Field(
+        True, description="the style code also conditions every SPADE block (not only the decoder's first layer)"
+    )
+    style_tissue_head: bool = Field(
+        True, description="per-label gain and shift of the output from the style code (with style_every_block)"
+    )
+    style_pooling: bool = Field(
+        True, description="style encoder on pooled features + intensity quantiles (with style_every_block)"
+    )
     disc_channels: int = Field(32, ge=1)
     num_d: int = Field(2, ge=1, description="discriminators of the multi-scale PatchGAN")
     disc_layers: int = Field(2, ge=1, description="layers of the first discriminator (2 at 64-128 px)")
@@ -90,8 +100,9 @@ class SpadeConfig(LabelGANConfig):
         return self
 
 
-class SpadeModel(LabelGAN, Sampler):
-    """SPADE generator from label maps; with the style encoder, a random style per seed."""
+class SpadeModel(LabelGAN, Sampler, StyleTransfer):
+    """SPADE generator from label maps; with the style encoder, a random style per seed or the style of a
+    reference image (capability ``style``)."""
 
     family: ClassVar[str] = "spade"
     Config: ClassVar[type[StrictModel]] = SpadeConfig
@@ -108,7 +119,8 @@ class SpadeModel(LabelGAN, Sampler):
     def build_modules(self) -> dict[str, nn.Module]:
         cfg = self.config
         z_dim = cfg.z_dim if cfg.style_encoder else None
-        return {"gen": spade_generator(N_CLASSES, cfg.image_size, cfg.channels, z_dim, cfg.spade_hidden)}
+        style = (cfg.style_every_block, cfg.style_pooling, cfg.style_tissue_head)
+        return {"gen": spade_generator(N_CLASSES, cfg.image_size, cfg.channels, z_dim, cfg.spade_hidden, *style)}
 
     def _discriminator(self) -> nn.Module:
         cfg = self.config
@@ -168,6 +180,21 @@ class SpadeModel(LabelGAN, Sampler):
         return out
 
     # ---- contract ------------------------------------------------------------------------------------
+    def supports(self, capability: str) -> bool:
+        # reference-image styles need the style encoder
+        if capability == "style" and not self.config.style_encoder:
+            return False
+        return super().supports(capability)
+
+    @torch.no_grad()
+    def style_codes(self, references: np.ndarray) -> torch.Tensor:
+        """Posterior-mean style codes (m, z_dim) of reference images (m, 1, H, W) on the slice scale (resized to
+        the working size, standardised like the training images; batch norm in eval mode, so a reference's code
+        does not depend on the others)."""
+        ref = self.tensor(self.to_gen(to_size(references, self.config.image_size)))
+        gen = self.module("gen")
+        return torch.cat([gen.encoder(r)[0] for r in ref.split(64)])
+
     @torch.no_grad()
     def _run(self, labels: np.ndarray, references: np.ndarray | None, seed: int) -> torch.Tensor:
         """Generator output (n, 1, s, s) for ``labels``; style codes from ``references`` (their posterior
@@ -180,8 +207,7 @@ class SpadeModel(LabelGAN, Sampler):
                 g = torch.Generator().manual_seed(seed)
                 z = self.tensor(torch.randn((len(labels), cfg.z_dim), generator=g))
             else:
-                ref = self.tensor(self.to_gen(to_size(references, cfg.image_size)))
-                z = torch.cat([gen.encoder(r)[0] for r in ref.split(64)])
+                z = self.style_codes(references)
         outs, start = [], 0
         for chunk in np.array_split(labels, max(1, int(np.ceil(len(labels) / 64)))):
             zc = z[start : start + len(chunk)] if z is not None else None
@@ -198,3 +224,49 @@ class SpadeModel(LabelGAN, Sampler):
         if n == 0:
             return Samples(np.zeros((0, 1, *labels.shape[1:]), np.float32), labels)
         return Samples(images=self.back(self._run(labels, None, seed), labels.shape[1:]), labels=labels)
+
+    def sample_with_style(self, labels: np.ndarray, reference_images: np.ndarray, seed: int = 0) -> Samples:
+        """One image per label map ``labels`` (n, H, W) in the appearance of ``reference_images``: (n, 1, H', W')
+        one reference per map, or (1, 1, H', W') / (H', W') one reference for every map, on the slice intensity
+        scale (any size; resized to the working size). Each map is rendered with its reference's posterior-mean
+        style code, so the output is deterministic: ``seed`` is accepted for the common signature and not used.
+        Returns images (n, 1, H, W) on the slice scale and ``labels``. Raises CapabilityError without the style
+        encoder, :class:`~medsynth.errors.LabelError` for bad label maps, GeometryError / ValueError
+        naming ``reference_images`` for a bad shape / non-finite values."""
+        from medsynth.models.base import require
+
+        require(self, "style", "the model was fitted with style_encoder: false")
+        self._require_fitted()
+        labels = self.check_labels(labels)
+        refs = check_references(reference_images, len(labels))
+        n = len(labels)
+        if n == 0:
+            return Samples(np.zeros((0, 1, *labels.shape[1:]), np.float32), labels)
+        z = self.style_codes(refs)
+        if len(z) != n:  # one reference for every map: encode once
+            z = z.expand(n, -1)
+        gen = self.module("gen")
+        with torch.no_grad():
+            y = torch.cat([gen.decode(self.cond(labels[i : i + 64]), z[i : i + 64]) for i in range(0, n, 64)])
+        return Samples(images=self.back(y, labels.shape[1:]), labels=labels)
+
+
+def check_references(reference_images: np.ndarray, n: int) -> np.ndarray:
+    """``reference_images`` as (m, 1, H', W') float32 with m = ``n`` or 1 (a (H', W') image is one reference).
+    A wrong rank or channel count, a count that is neither 1 nor ``n`` or images under 2 × 2 pixels raise
+    :class:`~medsynth.errors.GeometryError`, non-finite or non-numeric values ValueError, both naming the
+    argument."""
+    refs = np.asarray(reference_images)
+    if refs.ndim == 2:
+        refs = refs[None, None]
+    if refs.ndim != 4 or refs.shape[1] != 1:
+        raise GeometryError(f"reference_images: expected (n, 1, H, W) or (H, W) images, got shape {refs.shape}")
+    if refs.shape[0] not in (1, n):
+        raise GeometryError(
+            f"reference_images: expected one reference per label map ({n}) or a single one, got {refs.shape[0]}"
+        )
+    if min(refs.shape[2:]) < 2:
+        raise GeometryError(f"reference_images: images of at least 2 x 2 pixels needed, got shape {refs.shape}")
+    if not np.issubdtype(refs.dtype, np.number) or not np.isfinite(refs).all():
+        raise ValueError("reference_images: NaN, Inf or non-numeric values")
+    return refs.astype(np.float32, copy=False)
