@@ -58,7 +58,8 @@ class StyleEncoder(nn.Module):
     """Style encoder: (N, 1, s, s) image on the generator's scale → (mu, logvar), each (N, z_dim).
 
     Stride-2 conv blocks (batch norm, LeakyReLU), then *global average pooling*, concatenated with the image's
-    intensity quantiles (:data:`STYLE_QUANTILES`), mean and standard deviation, then two linear heads. Why
+    intensity quantiles (:data:`STYLE_QUANTILES`), mean and standard deviation, batch-normalised over images,
+    then two linear heads. Why
     pooling: MONAI's ``SPADEEncoder`` flattens the last feature map into its linear heads, so the code can hold
     *where* things are (the layout of the unlabelled surroundings, which lowers the reconstruction L1 most) and
     the scanner's appearance is a small part of it; pooled features and intensity statistics hold appearance
@@ -81,6 +82,9 @@ class StyleEncoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.register_buffer("q", torch.tensor(STYLE_QUANTILES), persistent=False)
         n_in = ch + len(STYLE_QUANTILES) + 2
+        # batch norm over images: the statistics' differences between scanners (a few hundredths of a standard
+        # deviation of the pixels) become unit-scale inputs of the heads from the first step
+        self.norm = nn.BatchNorm1d(n_in, affine=False)
         self.fc_mu = nn.Linear(n_in, z_dim)
         self.fc_var = nn.Linear(n_in, z_dim)
         # start with informative codes: posterior SD exp(-2) ~ 0.14 rather than ~1 (see the class docstring)
@@ -90,7 +94,7 @@ class StyleEncoder(nn.Module):
         flat = x.flatten(1)
         stats = torch.cat([torch.quantile(flat, self.q, dim=1).T, flat.mean(1, keepdim=True),
                            flat.std(1, keepdim=True)], dim=1)  # fmt: skip
-        h = torch.cat([self.blocks(x).mean(dim=(2, 3)), stats], dim=1)
+        h = self.norm(torch.cat([self.blocks(x).mean(dim=(2, 3)), stats], dim=1))
         return self.fc_mu(h), self.fc_var(h)
 
     @staticmethod

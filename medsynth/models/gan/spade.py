@@ -44,7 +44,7 @@ from medsynth.errors import GeometryError
 from medsynth.labels import N_CLASSES
 from medsynth.models.base import Sampler, Samples, StyleTransfer
 from medsynth.models.gan.common import LabelGAN, LabelGANConfig
-from medsynth.models.gan.losses import Adversarial, AdversarialKind, feature_matching, kl_normal
+from medsynth.models.gan.losses import Adversarial, AdversarialKind, feature_matching, kl_normal, tissue_mean_l1
 from medsynth.models.gan.networks import multiscale_discriminator, spade_generator
 from medsynth.models.latent.common import one_hot, to_size
 from medsynth.utils.seeding import exclusive_global_rng
@@ -82,6 +82,9 @@ class SpadeConfig(LabelGANConfig):
     lambda_fm: float = Field(10.0, ge=0, description="discriminator feature-matching weight")
     lambda_l1: float = Field(10.0, ge=0, description="L1 reconstruction weight")
     lambda_kl: float = Field(0.05, ge=0, description="KL weight of the style encoder")
+    lambda_tissue: float = Field(
+        10.0, ge=0, description="weight of the L1 between per-label mean intensities of generated and real images"
+    )
     lr: float = Field(2e-4, gt=0, description="generator (and encoder) learning rate")
     disc_lr: float | None = Field(8e-4, gt=0, description="discriminator learning rate (TTUR); null = lr")
 
@@ -160,9 +163,11 @@ class SpadeModel(LabelGAN, Sampler, StyleTransfer):
             loss_fm = feature_matching(real_feats, fake_feats)
             loss_l1 = F.l1_loss(fake, x)
             loss = loss_adv + cfg.lambda_fm * loss_fm + cfg.lambda_l1 * loss_l1 + cfg.lambda_kl * kl
+            loss_tissue = tissue_mean_l1(fake, x, cond)
+            loss = loss + cfg.lambda_tissue * loss_tissue
             return loss, {
                 "adv": float(loss_adv.detach()), "feature_matching": float(loss_fm.detach()),
-                "l1": float(loss_l1.detach()), "kl": float(kl.detach()),
+                "l1": float(loss_l1.detach()), "kl": float(kl.detach()), "tissue_mean": float(loss_tissue.detach()),
             }  # fmt: skip
 
         return self.train_gan(gen, disc, (disc_loss, gen_loss), forward, train, val, seed, betas=(0.0, 0.999))
