@@ -1,17 +1,46 @@
 """SPADE: label map → image with spatially-adaptive normalisation (Park et al., CVPR 2019), with an optional VAE
-style encoder (VAE-GAN) for random styles.
+style encoder (VAE-GAN) for random styles and for the style of a reference image (capability ``style``).
 
 Generator: MONAI ``SPADENet`` (:func:`~medsynth.models.gan.networks.spade_generator`; one-hot canonical label
-maps, K = 6 channels, modulate every residual block). With ``style_encoder`` (default) its encoder maps an
+maps, K = 6 channels, modulate every residual block). With ``style_encoder`` (default) an encoder maps an
 image to a Gaussian style code ``z`` (``z_dim``): training encodes the real image, reparameterises and
 reconstructs it from (label map, z), with a KL term (``lambda_kl``) pulling the codes towards N(0, I).
-:meth:`SpadeModel.sample` then draws ``z`` ~ N(0, I) from ``seed`` (a random style). Without the encoder the
-decoder starts from the downsampled label map and is deterministic per label map.
+:meth:`SpadeModel.sample` then draws ``z`` ~ N(0, I) from ``seed`` (a random style);
+:meth:`SpadeModel.sample_with_style` uses the posterior-mean code of a reference image (the reference's
+scanner / contrast appearance, not its anatomy). Without the encoder the decoder starts from the downsampled
+label map and is deterministic per label map, and ``supports("style")`` is false.
 
-Not offered (yet): rendering in the appearance of a *reference* image. The encoder's posterior-mean code of a
-reference is used for the held-out reconstruction L1 (:meth:`SpadeModel.evaluate`), but at the budgets tried
-(phantom scanners A/B, ≤ 300 steps at 32 px) the codes of the two scanners' images came out nearly equal
-(posterior collapse), so no style-transfer capability is declared.
+Reference styles, what was wrong and what was measured (phantom scanners A and B, the same hearts by both,
+32 px, 200 steps at lr 1e-3, 6 training + 2 held-out subjects, one seed). With MONAI's VAE-GAN as it is, the
+codes were *not* collapsed (KL 4.6 nats; the A and B codes differed), but the decoder ignored them: decoding
+the mean code of the A images or of the B images gave the same tissue means to 0.001, while z = ±3 moved them
+by 0.2-0.3. A held-out label map rendered with a scanner-A or a scanner-B reference got the same myocardium
+mean, 0.37 / 0.38 (real 0.26 / 0.36). Causes and fixes, with the myocardium means for A / B references
+at this budget:
+
+- ``z`` reached only the decoder's first layer, whose features every SPADE block re-normalises and overwrites
+  with label-driven levels. ``style_every_block``: ``z`` also enters every block's modulation network
+  (alone: still the same means for both scanners, 4 subjects), and ``style_tissue_head`` adds a per-label
+  output gain and shift from ``z`` (:class:`~medsynth.models.gan.networks.StyleSPADENet`).
+- MONAI's encoder flattens its last feature map, so its code holds layout (the unlabelled surroundings)
+  as much as appearance. ``style_pooling``: a pooled encoder on intensity quantiles and features
+  (:class:`~medsynth.models.gan.networks.StyleEncoder`). With both: 0.25 / 0.32 (0.30 / 0.34 without
+  pooling; 0.31 / 0.34 without the head's learning-rate scale).
+- The L1 reconstruction fits per-tissue medians, and B's blur skews its tissue distributions, so B-styled
+  myocardium stayed too dark (our reading of 0.32 against 0.36). ``lambda_tissue``: an L1 between the
+  per-label mean intensities of the generated and the real image. With it and batch-normalised encoder
+  statistics: 0.26 / 0.35.
+
+The intensity scale was checked too: the generators standardise with the training set's mean and SD (one
+affine map for all slices, see :mod:`~medsynth.models.gan.common`), so scanner differences reach the encoder.
+Preprocessing maps each volume's 1st / 99th percentiles to 0 / 1, so what is left of the scanner is the
+contrast curve, blur, noise and bias: mostly the myocardium (per-subject means 0.24-0.33 for A and 0.29-0.41
+for B). LV and RV vary more between subjects than between scanners. With all fixes, the per-tissue means
+(background, LV, myocardium, RV) of held-out label maps rendered with held-out references were closer to the
+reference's than to the other scanner's image of the same heart for 83 % of A and 83 % of B references
+(25 % / 88 % before: every output was B-like). The distance between the scanners' mean codes went from 0.7
+times the within-scanner spread to 1.6 times it. One seed, so these are indications, not estimates. Results
+at 64 px are in the README (families table, ``spade`` row).
 
 Discriminator: MONAI ``MultiScalePatchDiscriminator`` (``num_d`` PatchGANs of ``disc_layers``,
 2·``disc_layers``, … layers; ``disc_layers`` 2 at 64–128 px) on (one-hot label, image) pairs. Losses: hinge
