@@ -94,7 +94,11 @@ class StyleEncoder(nn.Module):
         flat = x.flatten(1)
         stats = torch.cat([torch.quantile(flat, self.q, dim=1).T, flat.mean(1, keepdim=True),
                            flat.std(1, keepdim=True)], dim=1)  # fmt: skip
-        h = self.norm(torch.cat([self.blocks(x).mean(dim=(2, 3)), stats], dim=1))
+        h = torch.cat([self.blocks(x).mean(dim=(2, 3)), stats], dim=1)
+        if self.training and len(h) == 1:  # one image has no batch statistics (batch_size 1): the running ones
+            h = nn.functional.batch_norm(h, self.norm.running_mean, self.norm.running_var, training=False)
+        else:
+            h = self.norm(h)
         return self.fc_mu(h), self.fc_var(h)
 
     @staticmethod

@@ -85,7 +85,8 @@ class SpadeConfig(LabelGANConfig):
     """SPADE keys plus the shared GAN / torch keys (here steps 300, lr 2e-4, disc_lr 8e-4: TTUR).
 
     CPU-sized defaults, the settings of the shipped ACDC / EMIDEC GAN configs: widths (16, 32, 64, 64), 300 steps
-    (17 min on the 2-subject phantom on a 2-core CPU shared with other jobs). GPU budgets: widths
+    (17 min on the 2-subject phantom on a 2-core CPU shared with other jobs, measured before the style
+    changes; they added about 27 % to a fit's time on the phantom). GPU budgets: widths
     (64, 128, 256, 256), lr 1e-4 / disc_lr 4e-4, image_size 128, tens of thousands of steps."""
 
     steps: int = Field(300, ge=0)
