@@ -38,7 +38,7 @@ def main() -> int:
 
     from medsynth.data.slices import SliceSet
     from medsynth.labels import N_CLASSES
-    from medsynth.models.gan.losses import Adversarial, feature_matching, kl_normal
+    from medsynth.models.gan.losses import Adversarial, feature_matching, kl_normal, tissue_mean_l1
     from medsynth.models.gan.networks import (
         multiscale_discriminator,
         patch_discriminator,
@@ -93,7 +93,8 @@ def main() -> int:
             disc = patch_discriminator(N_CLASSES + 1, cfg.disc_channels, cfg.disc_layers).to(dev)
             betas = (0.5, 0.999)
         else:
-            gen = spade_generator(N_CLASSES, s, cfg.channels, cfg.z_dim, cfg.spade_hidden).to(dev)
+            style = (cfg.style_every_block, cfg.style_pooling, cfg.style_tissue_head)
+            gen = spade_generator(N_CLASSES, s, cfg.channels, cfg.z_dim, cfg.spade_hidden, *style).to(dev)
             disc = multiscale_discriminator(N_CLASSES + 1, cfg.disc_channels, cfg.num_d, cfg.disc_layers, s).to(dev)
             betas = (0.0, 0.999)
         adv = Adversarial(cfg.adversarial)
@@ -132,7 +133,7 @@ def main() -> int:
                 with torch.no_grad():
                     _, rf = disc(torch.cat([cond, x], 1))
                 g = (adv.g_loss(out) + cfg.lambda_fm * feature_matching(rf, ff) + cfg.lambda_l1 * F.l1_loss(fake, x)
-                     + cfg.lambda_kl * kl)  # fmt: skip
+                     + cfg.lambda_kl * kl + cfg.lambda_tissue * tissue_mean_l1(fake, x, cond))  # fmt: skip
             opt_g.zero_grad(set_to_none=True)
             g.backward()
             opt_g.step()

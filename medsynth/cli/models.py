@@ -37,9 +37,20 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from medsynth.workflows.commands import sample_dataset
+    from medsynth.errors import ConfigError
+    from medsynth.workflows.commands import sample_dataset, sample_styled_dataset
 
-    out = sample_dataset(args.model, args.out, args.n, args.seed, labels_manifest=args.labels, data_root=args.data_root)
+    if args.reference is not None:
+        if args.labels is None:
+            raise ConfigError("--reference: give the label maps to render with --labels")
+        out = sample_styled_dataset(
+            args.model, args.reference, args.out, args.n, args.seed, labels_manifest=args.labels,
+            data_root=args.data_root,
+        )  # fmt: skip
+    else:
+        out = sample_dataset(
+            args.model, args.out, args.n, args.seed, labels_manifest=args.labels, data_root=args.data_root
+        )
     print(out)
     return 0
 
@@ -122,6 +133,11 @@ def register(commands, evaluate) -> None:
     s.add_argument("--labels", default=None, help="manifest whose label maps condition the samples")
     s.add_argument("--n", type=int, required=True, help="number of slices")
     s.add_argument("--out", required=True, help="output directory")
+    s.add_argument(
+        "--reference", default=None, metavar="PATH",
+        help="image file (NIfTI, PNG or slice-set .npz) whose appearance (scanner / contrast) the samples take; "
+        "needs --labels and a model that can 'style' (spade with its style encoder)",
+    )  # fmt: skip
     _seed_and_root(s, seed_help="sampling seed (default 0)", root_help="data root of the labels manifest")
     s.set_defaults(func=run_sample)
 

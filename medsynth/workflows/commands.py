@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from medsynth.data.loading import load_manifest_slices, preprocess_config, split_train_val
@@ -132,6 +133,55 @@ def sample_dataset(
             log.info("family %r is not label-conditioned: the labels of %s are not used", model.family, labels_manifest)
     synthetic, has_labels = ops.synthesize(model, pool, n, seed, distinct=True)
     return ops.write_slice_dataset(out_dir, synthetic, has_labels, _spacing(cfg))
+
+
+def read_reference(path: str | Path, cfg: Any) -> np.ndarray:
+    """A style reference image file → its slices (m, 1, S, S) on the slice intensity scale: a NIfTI volume or a
+    PNG (any format :func:`~medsynth.data.readers.read_volume` reads) preprocessed with ``cfg`` like training
+    data (every slice kept: a reference has no label map, so the crop is centred on the field of view), or a
+    slice set ``.npz`` (already preprocessed; its images are used as they are). InputFileError naming the file
+    for an unreadable file, no slices or non-finite values."""
+    from medsynth.data.preprocess import preprocess_pair
+    from medsynth.data.readers import read_volume
+    from medsynth.data.volume import Volume
+
+    path = Path(path)
+    if path.name.lower().endswith(".npz"):
+        if not path.is_file():
+            raise InputFileError(f"{path}: file not found")
+        images = SliceSet.load(path).images
+    else:
+        vol = read_volume(path)
+        blank = Volume(np.zeros(vol.shape, np.uint8), vol.affine, vol.spacing, vol.path)
+        images, _, _ = preprocess_pair(vol, blank, cfg.model_copy(update={"slices": "all"}))
+    if images.ndim != 4 or images.shape[1] != 1 or len(images) == 0:
+        raise InputFileError(f"{path}: no image slices in the style reference (shape {images.shape})")
+    if not np.isfinite(images).all():
+        raise InputFileError(f"{path}: the style reference holds NaN or Inf")
+    return images.astype(np.float32)
+
+
+def sample_styled_dataset(
+    model_dir: str | Path,
+    reference: str | Path,
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    labels_manifest: str | Path,
+    data_root: str | Path | None = None,
+) -> Path:
+    """Like :func:`sample_dataset` in the appearance of the image file ``reference`` (:func:`read_reference`;
+    :func:`medsynth.workflows.ops.synthesize_with_style`) with a model that can ``style``; NIfTI pairs +
+    ``manifest.csv`` (``style_reference`` names the file). Returns the manifest path. Nothing is written when
+    the model, the reference or the labels are unusable."""
+    model, cfg = load_fitted(model_dir)
+    require(model, "style", str(model_dir))
+    refs = read_reference(reference, cfg)
+    pool = load_manifest_slices(labels_manifest, data_root, cfg)
+    if len(pool) == 0:
+        raise ManifestError(f"{labels_manifest}: no label slices")
+    synthetic = ops.synthesize_with_style(model, pool, refs, n, seed, reference_name=Path(reference).name)
+    return ops.write_slice_dataset(out_dir, synthetic, True, _spacing(cfg))
 
 
 def scar_dataset(

@@ -211,9 +211,7 @@ def synthesize(
     if pool is not None and len(pool) == 0:
         raise ManifestError("labels: no slices to draw label maps from")
     rng = make_rng(seed)
-    idx = None
-    if pool is not None:
-        idx = rng.choice(len(pool), size=n, replace=n > len(pool)) if distinct else rng.integers(0, len(pool), size=n)
+    idx = draw_rows(rng, len(pool), n, distinct) if pool is not None else None
     labels = ctx = None
     if model.conditional:
         use_context = context and model.supports("context")
@@ -247,6 +245,40 @@ def synthesize(
         meta["label_scar"] = added
         meta.loc[added, "pathology"] = "infarct"
     return SliceSet(samples.images.astype(np.float32), out_labels.astype(np.uint8), meta), has_labels
+
+
+def draw_rows(rng: np.random.Generator, size: int, n: int, distinct: bool) -> np.ndarray:
+    """``n`` row indices into a pool of ``size`` slices; ``distinct``: without repeats while ``n`` <= ``size``."""
+    return rng.choice(size, size=n, replace=n > size) if distinct else rng.integers(0, size, size=n)
+
+
+def synthesize_with_style(
+    model: GenerativeModel,
+    pool: SliceSet,
+    references: np.ndarray,
+    n: int,
+    seed: int,
+    name: str | None = None,
+    reference_name: str = "",
+) -> SliceSet:
+    """``n`` slices from a model that can ``style``: the label maps of ``n`` slices of ``pool`` (drawn as
+    :func:`synthesize` draws them with ``distinct``: the same maps for the same seed) rendered in the appearance
+    of ``references`` (m, 1, H, W) on the slice scale: one reference for every map when m = 1, else map i gets
+    reference i mod m. The ``vendor`` column is left empty (the appearance is the reference's, not the label
+    source's); ``style_reference`` records ``reference_name``."""
+    require(model, "style")
+    if n < 1:
+        raise ConfigError(f"n: expected a positive number of samples, got {n}")
+    if pool is None or len(pool) == 0:
+        raise ManifestError("labels: no slices to draw label maps from")
+    idx = draw_rows(make_rng(seed), len(pool), n, distinct=True)
+    refs = references if len(references) == 1 else references[np.arange(n) % len(references)]
+    samples = model.sample_with_style(pool.labels[idx], refs, seed=seed)
+    ids = [f"syn_{name or model.family}_{i:05d}" for i in range(n)]
+    meta = synthetic_meta(pool.meta.iloc[idx], ids, model, seed, from_labels=True)
+    meta["vendor"] = ""
+    meta["style_reference"] = reference_name
+    return SliceSet(samples.images.astype(np.float32), samples.labels.astype(np.uint8), meta)
 
 
 def scar_cases(model: GenerativeModel, pool: SliceSet, n: int, seed: int, name: str | None = None) -> SliceSet:

@@ -50,3 +50,13 @@ def feature_matching(real_feats: list[list[torch.Tensor]], fake_feats: list[list
 def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) ‖ N(0, I)) per sample (nats), averaged over the batch."""
     return (0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)).mean()
+
+
+def tissue_mean_l1(fake: torch.Tensor, real: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between the per-label mean intensities of ``fake`` and ``real`` (N, 1, s, s)
+    under the one-hot labels ``cond`` (N, K, s, s), over the (image, label) pairs present."""
+    area = cond.sum(dim=(2, 3))
+    present = area > 0
+    m_fake = (cond * fake).sum(dim=(2, 3)) / area.clamp(min=1)
+    m_real = (cond * real).sum(dim=(2, 3)) / area.clamp(min=1)
+    return (m_fake - m_real).abs()[present].mean()
