@@ -468,16 +468,21 @@ def segmentation_tables(summary: pd.DataFrame, unit: str = "mm") -> tuple[pd.Dat
 
 
 def plot_learning_curve(summary: pd.DataFrame, path: str | Path, ci: float = 0.95) -> Path:
-    """Mean Dice (over classes) against the number of real training patients: one line per arm with its
-    bootstrap CI band; a synthetic-only arm (0 real patients) is a dashed horizontal line with its band."""
+    """Left: mean Dice (over classes) against the number of real training patients, one line per arm with its
+    bootstrap CI band; a synthetic-only arm (0 real patients) is a dashed horizontal line with its band. Right
+    (when the summary has paired differences): each arm's difference to real-only at the same n in Dice points,
+    with its paired CI (the bands of the left panel overlap where the paired differences do not)."""
     plt = _plt()
     m = summary[summary["class"] == "mean"]
-    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    paired = "dice_diff_vs_real" in m and m["dice_diff_vs_real"].notna().any()
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(11.5 if paired else 7.6, 4.0), squeeze=False)
+    ax = axes[0, 0]
     ns = sorted(int(n) for n in m.loc[m["n_real_patients"] > 0, "n_real_patients"].unique())
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (arm, g) in enumerate(m.groupby("arm", sort=False)):
+    arm_colour = {arm: colours[i % len(colours)] for i, arm in enumerate(dict.fromkeys(m["arm"]))}
+    for arm, g in m.groupby("arm", sort=False):
         g = g.sort_values("n_real_patients")
-        c = colours[i % len(colours)]
+        c = arm_colour[arm]
         if (g["n_real_patients"] == 0).all() and ns:
             r = g.iloc[0]
             ax.axhline(r["dice_mean"], color=c, ls="--", label=f"{arm} (0 real patients)")
@@ -494,16 +499,46 @@ def plot_learning_curve(summary: pd.DataFrame, path: str | Path, ci: float = 0.9
                  fontsize=8)  # fmt: skip
     if ns:
         ax.set_xticks(ns)
-    ax.set_ylim(0, 1)
+    # the y range follows the data (with its CI bands), so differences of a few Dice points stay visible
+    lo = np.nanmin(np.r_[m["dice_mean"].to_numpy(float), m["dice_ci_low"].to_numpy(float)])
+    hi = np.nanmax(np.r_[m["dice_mean"].to_numpy(float), m["dice_ci_high"].to_numpy(float)])
+    if np.isfinite(lo) and np.isfinite(hi):
+        pad = max(0.02, 0.08 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad))
+    else:
+        ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", title="arm", title_fontsize=8)
+    if paired:
+        d = m[m["dice_diff_vs_real"].notna() & (m["n_real_patients"] > 0)]
+        bx = axes[0, 1]
+        bx.axhline(0.0, color="black", lw=0.8)
+        arms = list(dict.fromkeys(d["arm"]))
+        width = 0.6 / max(len(arms), 1)  # arms side by side at each n, so their CIs do not hide each other
+        for k, (arm, g) in enumerate(d.groupby("arm", sort=False)):
+            g = g.sort_values("n_real_patients")
+            x = np.searchsorted(ns, g["n_real_patients"].to_numpy()) + (k - (len(arms) - 1) / 2) * width
+            y = 100 * g["dice_diff_vs_real"].to_numpy(float)
+            err = 100 * np.abs(
+                np.vstack([g["dice_diff_ci_low"].to_numpy(float), g["dice_diff_ci_high"].to_numpy(float)]) - y / 100
+            )
+            bx.errorbar(x, y, yerr=err, fmt="o-", ms=4, lw=1, capsize=2, color=arm_colour[arm], label=arm)
+        bx.set_xticks(range(len(ns)), [str(n) for n in ns])
+        bx.set_xlabel("real training patients (n)")
+        bx.set_ylabel("Dice change vs real-only (points)")
+        bx.set_title(f"Paired difference to real-only at the same n ({ci:.0%} CI)", fontsize=8)
+        bx.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    axes[0, -1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="arm",
+                       title_fontsize=8)  # fmt: skip
     fig.tight_layout()
     return _save(fig, Path(path))
 
 
 def _panel_title(row: pd.Series, i: int) -> str:
     """Subject (last characters), phase and slice of one panel, as far as the metadata says."""
-    parts = [str(row["subject_id"])[-16:]] if "subject_id" in row and pd.notna(row["subject_id"]) else [f"#{i}"]
+    sid = str(row["subject_id"]) if "subject_id" in row and pd.notna(row["subject_id"]) else f"#{i}"
+    # a generated slice's id is syn_<set>_<number>; the row label already names the set
+    parts = [f"syn {sid.rsplit('_', 1)[-1]}" if sid.startswith("syn_") else sid[-16:]]
     if "phase" in row and isinstance(row["phase"], str) and row["phase"]:
         parts.append(row["phase"])
     if "slice_index" in row and pd.notna(row["slice_index"]) and str(row["slice_index"]) != "":
