@@ -113,3 +113,30 @@ def test_same_label_maps_rendered_by_each_conditional_family(tmp_path) -> None:
     np.testing.assert_array_equal(out.labels, shown.labels)
     assert out.images.shape == shown.images.shape
     assert out.images[:, 0][shown.labels == LV].mean() > out.images[:, 0][shown.labels == MYO].mean()
+
+
+def test_cli_sample_scar_fraction(tmp_path, capsys) -> None:
+    import nibabel as nib
+    import pandas as pd
+
+    from medsynth.cli.main import main
+    from medsynth.phantom import generate_dataset
+
+    manifest = generate_dataset(tmp_path / "lge", subjects=3, contrast="lge", seed=0, shape=(64, 64, 4))
+    cfg = tmp_path / "gmm.yaml"
+    cfg.write_text("n_components: 2\n", encoding="utf-8")
+    model = tmp_path / "model"
+    assert main(["fit", "gmm", "--manifest", str(manifest), "--out", str(model), "--config", str(cfg)]) == 0
+    out = tmp_path / "s"
+    args = ["sample", "--model", str(model), "--labels", str(manifest), "--n", "8", "--out", str(out)]
+    assert main([*args, "--scar-fraction", "1"]) == 0
+    written = pd.read_csv(out / "manifest.csv")
+    added = written["label_scar"].astype(str).str.lower() == "true"
+    assert added.any() and (written.loc[added, "pathology"] == "infarct").all()
+    for rel in written.loc[added, "label"]:
+        assert np.isin(np.asarray(nib.load(out / rel).dataobj), (SCAR, MVO)).any()
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert main(["sample", "--model", str(model), "--labels", str(manifest), "--n", "2", "--out", str(bad),
+                 "--scar-fraction", "1.5"]) == 2  # fmt: skip
+    assert "--scar-fraction" in capsys.readouterr().err and not bad.exists()

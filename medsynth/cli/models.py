@@ -49,8 +49,9 @@ def run_sample(args: argparse.Namespace) -> int:
         )  # fmt: skip
     else:
         out = sample_dataset(
-            args.model, args.out, args.n, args.seed, labels_manifest=args.labels, data_root=args.data_root
-        )
+            args.model, args.out, args.n, args.seed, labels_manifest=args.labels, data_root=args.data_root,
+            scar_fraction=args.scar_fraction,
+        )  # fmt: skip
     print(out)
     return 0
 
@@ -132,6 +133,11 @@ def register(commands, evaluate) -> None:
     s.add_argument("--model", required=True, help="fitted model directory")
     s.add_argument("--labels", default=None, help="manifest whose label maps condition the samples")
     s.add_argument("--n", type=int, required=True, help="number of slices")
+    s.add_argument(
+        "--scar-fraction", type=float, default=0.0, metavar="P",
+        help="label-conditioned families: share P of the scar-free label maps that get a label-level scar "
+        "(drawn from the scar shapes of --labels) before rendering: new scar cases (default 0)",
+    )  # fmt: skip
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument(
         "--reference", default=None, metavar="PATH",

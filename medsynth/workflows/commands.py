@@ -19,7 +19,7 @@ import pandas as pd
 
 from medsynth.data.loading import load_manifest_slices, preprocess_config, split_train_val
 from medsynth.data.slices import SliceSet
-from medsynth.errors import InputFileError, ManifestError
+from medsynth.errors import ConfigError, InputFileError, ManifestError
 from medsynth.models.base import GenerativeModel, json_default, require
 from medsynth.models.registry import load_model
 from medsynth.utils.atomic import atomic_dir, atomic_file
@@ -118,10 +118,14 @@ def sample_dataset(
     seed: int,
     labels_manifest: str | Path | None = None,
     data_root: str | Path | None = None,
+    scar_fraction: float = 0.0,
 ) -> Path:
     """Sample ``n`` slices from a saved model into ``out_dir`` (NIfTI pairs + ``manifest.csv``); return the
     manifest path. Label-conditioned families draw their ``n`` label maps (with replacement only when
-    ``n`` exceeds the available slices) from ``labels_manifest``, seeded by ``seed``."""
+    ``n`` exceeds the available slices) from ``labels_manifest``, seeded by ``seed``; ``scar_fraction``: that
+    share of the scar-free maps gets a label-level scar first (:func:`medsynth.workflows.ops.synthesize`)."""
+    if not 0.0 <= scar_fraction <= 1.0:
+        raise ConfigError(f"--scar-fraction: expected a share in [0, 1], got {scar_fraction}")
     model, cfg = load_fitted(model_dir)
     require(model, "sample")
     pool = None
@@ -131,7 +135,9 @@ def sample_dataset(
             raise ManifestError(f"{labels_manifest}: no label slices")
         if not model.conditional:
             log.info("family %r is not label-conditioned: the labels of %s are not used", model.family, labels_manifest)
-    synthetic, has_labels = ops.synthesize(model, pool, n, seed, distinct=True)
+    if scar_fraction > 0 and not (model.conditional and pool is not None):
+        raise ConfigError("--scar-fraction: needs a label-conditioned model and --labels")
+    synthetic, has_labels = ops.synthesize(model, pool, n, seed, distinct=True, scar_fraction=scar_fraction)
     return ops.write_slice_dataset(out_dir, synthetic, has_labels, _spacing(cfg))
 
 
