@@ -80,6 +80,12 @@ def exercise(model: GenerativeModel, slices: SliceSet) -> dict[str, np.ndarray]:
         changed = (new.labels != lab) | (new.images != img)[:, 0]
         assert np.isin(lab[changed], (MYO,)).all() and np.isin(new.labels[changed], (MYO, SCAR, MVO)).all()
         out["scar_images"], out["scar_labels"] = new.images, new.labels
+    if model.supports("style"):
+        refs = slices.images[3:6]
+        st = model.sample_with_style(labels, refs, seed=1)
+        assert st.images.shape == (3, 1, h, w) and np.isfinite(st.images).all() and np.array_equal(st.labels, labels)
+        np.testing.assert_array_equal(model.sample_with_style(labels, refs, seed=1).images, st.images)
+        out["style"] = st.images
     return out
 
 
