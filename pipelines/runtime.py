@@ -32,7 +32,26 @@ def make_task_runner(runner: dict[str, Any]):
         )
     from prefect.task_runners import ThreadPoolTaskRunner
 
+    share_cores(runner["max_workers"])
     return ThreadPoolTaskRunner(max_workers=runner["max_workers"])
+
+
+def share_cores(max_workers: int) -> int:
+    """Torch intra-op threads for ``max_workers`` tasks running side by side in one process: the cores divided
+    among them (at least 1), unless the user set ``OMP_NUM_THREADS``. Two concurrent fits each asking for every
+    core oversubscribe the CPU; on the 2-core development machine that slowed a cVAE fit several-fold. Returns
+    the thread count in force."""
+    import logging
+
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    threads = max(1, (os.cpu_count() or 1) // max(1, max_workers))
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        logging.getLogger("medsynth").info("torch: %d thread(s) per task for %d parallel tasks", threads, max_workers)
+    return threads
 
 
 def _strip_volatile(obj: Any) -> Any:
