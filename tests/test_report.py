@@ -180,3 +180,24 @@ def test_samples_show_the_image_itself_with_thin_label_contours(tmp_path, monkey
     assert len(contours) == 6 * 2 and all(k["linewidths"] < 1.5 for k in contours)  # myo and lv, thin lines
     assert legends == [["lv", "myo"]]
     assert titles[:3] == ["p1 ED z0", "p2 ED z1", "p3 ED z2"]
+
+
+def test_anomaly_paragraph_and_pixel_map_figure(tmp_path) -> None:
+    import numpy as np
+    import pandas as pd
+    from lge_toys import make_slices
+
+    from medsynth.evaluation.report import anomaly_paragraph, plot_anomaly_maps
+
+    metrics = pd.DataFrame(
+        {"method": ["flow", "nsd3", "gmm>0.5"], "slice_auroc": [0.7, 0.8, 0.75], "case_auroc": [0.95, 0.9, 0.7],
+         "pixel_dice": [0.3, 0.6, 0.62]}
+    )  # fmt: skip
+    text = anomaly_paragraph(metrics)
+    assert "0.95 (flow)" in text and "flow score higher" in text and "gmm>0.5 (0.62)" in text
+    worse = metrics.assign(case_auroc=[0.5, 0.9, 0.7])
+    assert "no learned model scores higher" in anomaly_paragraph(worse)
+    test = make_slices(n_subjects=4)
+    maps = np.random.default_rng(0).random(test.labels.shape).astype(np.float16)
+    out = plot_anomaly_maps(test, [("m1", maps), ("m2", maps)], tmp_path / "maps.png")
+    assert out.stat().st_size > 0

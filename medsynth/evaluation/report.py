@@ -539,7 +539,7 @@ def _panel_title(row: pd.Series, i: int) -> str:
     sid = str(row["subject_id"]) if "subject_id" in row and pd.notna(row["subject_id"]) else f"#{i}"
     # a generated slice's id is syn_<set>_<number>; the row label already names the set
     parts = [f"syn {sid.rsplit('_', 1)[-1]}" if sid.startswith("syn_") else sid[-16:]]
-    if "phase" in row and isinstance(row["phase"], str) and row["phase"]:
+    if "phase" in row and isinstance(row["phase"], str) and row["phase"] not in ("", "none", "unknown"):
         parts.append(row["phase"])
     if "slice_index" in row and pd.notna(row["slice_index"]) and str(row["slice_index"]) != "":
         parts.append(f"z{row['slice_index']}")
@@ -609,3 +609,79 @@ def plot_samples(
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def anomaly_paragraph(metrics: pd.DataFrame) -> str:
+    """One paragraph from the anomaly table (rows: methods; columns slice_auroc, case_auroc, pixel_dice, ...):
+    the best method by case and by slice AUROC, where the learned models stand against the n-SD(3) rule, and
+    what the pixel Dice says. An AUROC of 0.5 is chance."""
+    m = metrics.set_index("method")
+    parts = []
+    for col, what in (("case_auroc", "case"), ("slice_auroc", "slice")):
+        if col in m and m[col].notna().any():
+            best = m[col].idxmax()
+            parts.append(f"the best {what}-level AUROC is {m.loc[best, col]:.2f} ({best})")
+    ref = "nsd3"
+    learned = [i for i in m.index if not (i.startswith("nsd") or i.startswith("fwhm") or i.startswith("gmm>"))]
+    if ref in m.index and learned and "case_auroc" in m:
+        beat = [i for i in learned if m.loc[i, "case_auroc"] > m.loc[ref, "case_auroc"]]
+        parts.append(
+            f"against the n-SD(3) rule's {m.loc[ref, 'case_auroc']:.2f} case AUROC, "
+            + (f"{', '.join(beat)} score higher" if beat else "no learned model scores higher")
+        )
+    if "pixel_dice" in m and m["pixel_dice"].notna().any():
+        best = m["pixel_dice"].idxmax()
+        parts.append(f"pixel-level scar Dice is led by {best} ({m.loc[best, 'pixel_dice']:.2f})")
+    text = "; ".join(parts)
+    return (text[:1].upper() + text[1:] + ". " if text else "") + (
+        "AUROC 0.5 is chance; `[wall]` rows score a slice by the 95th percentile of its pixel map inside the LV "
+        "wall only; case scores come from the slices of a subject."
+    )
+
+
+def plot_anomaly_maps(test, maps: list[tuple[str, np.ndarray]], path: str | Path, n: int = 6) -> Path:
+    """Top row: ``n`` held-out slices of ``test`` (a SliceSet: images (N, 1, H, W), labels (N, H, W)), most of
+    them with scar (largest scar first, spread over subjects), with scar / MVO outlined; then one row per model
+    with its pixel map (N, H, W) of the same slices, each row scaled 0 to its 99th percentile over all slices."""
+    from medsynth.data.inspect import COLOURS
+
+    plt = _plt()
+    scar_px = np.isin(test.labels, (SCAR, MVO)).sum(axis=(1, 2))
+    with_scar = np.flatnonzero(scar_px > 0)
+    order = with_scar[np.argsort(-scar_px[with_scar], kind="stable")]
+    subjects = test.meta["subject_id"].astype(str).to_numpy() if "subject_id" in test.meta else np.arange(len(test))
+    pick, seen = [], set()
+    for i in order:  # one slice per subject first, so the figure is not one patient's stack
+        if subjects[i] not in seen and len(pick) < n - 1:
+            pick.append(int(i))
+            seen.add(subjects[i])
+    healthy = np.flatnonzero((scar_px == 0) & (test.labels == MYO).any(axis=(1, 2)))
+    if len(healthy):
+        pick.append(int(healthy[len(healthy) // 2]))  # one scar-free slice, for the models' false alarms
+    pick = pick[:n]
+    rows = [("held-out LGE (scar outlined)", None)] + maps
+    fig, axes = plt.subplots(len(rows), len(pick), figsize=(1.9 * len(pick), 2.0 * len(rows)), squeeze=False)
+    vmax_img = float(np.percentile(test.images, 99.5)) if len(test) else 1.0
+    for r, (name, m) in enumerate(rows):
+        scale = float(np.nanpercentile(np.asarray(m, np.float32), 99)) if m is not None else vmax_img
+        for c, i in enumerate(pick):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if m is None:
+                ax.imshow(test.images[i, 0], cmap="gray", vmin=0.0, vmax=vmax_img)
+                ax.set_title(_panel_title(test.meta.iloc[i], i), fontsize=6)
+            else:
+                ax.imshow(np.asarray(m[i], np.float32), cmap="magma", vmin=0.0, vmax=scale if scale > 0 else 1.0)
+            for code in (SCAR, MVO):
+                mask = test.labels[i] == code
+                if mask.any():
+                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=[COLOURS[code]], linewidths=0.7)
+        axes[r, 0].set_ylabel(name, fontsize=7)
+    from matplotlib.lines import Line2D
+
+    fig.suptitle("Anomaly pixel maps on held-out slices (contours: reference scar / MVO)", fontsize=8)
+    handles = [Line2D([], [], color=COLOURS[c], lw=1.2, label=t) for c, t in ((SCAR, "scar"), (MVO, "MVO"))]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return _save(fig, Path(path))

@@ -491,7 +491,8 @@ def score_anomaly(work: str, slices_record: dict[str, Any], model_record: dict[s
     from medsynth.evaluation.anomaly import comparison_table, has_scar_info, score_model, slice_table, subject_table
     from medsynth.models.registry import load_model
 
-    inputs = {"slices": slices_record["key"], "model": model_record["key"]}
+    # "maps": the stage also keeps the pixel maps (for the report's figure); keyed apart from stages without them
+    inputs = {"slices": slices_record["key"], "model": model_record["key"], "maps": True}
 
     def build(tmp: Path) -> dict[str, Any]:
         model = load_model(artefact(model_record))
@@ -501,6 +502,10 @@ def score_anomaly(work: str, slices_record: dict[str, Any], model_record: dict[s
         sdf.to_csv(tmp / "slice_scores.csv", index=False)
         subject_table(sdf).to_csv(tmp / "subject_scores.csv", index=False)
         out = {"path": "slice_scores.csv", "subjects": "subject_scores.csv", "name": model_record["name"]}
+        if scores.pixel_maps is not None:
+            # float16 keeps the maps of a test split small; the figure needs no more precision
+            np.savez_compressed(tmp / "pixel_maps.npz", maps=scores.pixel_maps.astype(np.float16))
+            out["maps"] = "pixel_maps.npz"
         if has_scar_info(test):
             table = comparison_table({model_record["name"]: scores}, test, include_baselines=False)
             table.to_csv(tmp / "metrics.csv", index=False)
@@ -552,17 +557,41 @@ def write_anomaly_outputs(
         f"Config hash `{config_hash}`, seed {config['seed']}. Models fitted on healthy training subjects;",
         f"scored on the held-out test split ({slices_record['counts']['test']}).",
     ]
+    figures: list[str] = []
     if metric_parts:
+        from medsynth.evaluation import report as rp
+
         metrics = pd.concat(metric_parts, ignore_index=True)
         metrics.to_csv(staging / "anomaly_metrics.csv", index=False)
         tables["anomaly_metrics"] = str(staging / "anomaly_metrics.csv")
-        sections += ["", "## Scar detection (slice / case AUROC, pixel AUPRC / Dice)", _markdown_table(metrics)]
+        sections += [
+            "",
+            "## Scar detection (slice / case AUROC, pixel AUPRC / Dice)",
+            "",
+            rp.anomaly_paragraph(metrics),
+            "",
+            _markdown_table(metrics),
+        ]
+        test = _reference_split(slices_record)
+        maps = [(r["name"], np.load(artefact(r, "maps"))["maps"]) for r in score_records if "maps" in r]
+        if maps:
+            figures.append(str(rp.plot_anomaly_maps(test, maps, staging / "pixel_maps.png")))
+            sections += [
+                "",
+                "### Pixel maps",
+                "",
+                "Top row: held-out LGE slices with the reference scar (and MVO) outlined; below, each model's pixel "
+                "map of the same slices (brighter = more anomalous; each row on its own scale, 0 to its 99th "
+                "percentile over the test split).",
+                "",
+                "![pixel maps of the held-out slices](figures/pixel_maps.png)",
+            ]
     for r in score_records:
         for key in ("path", "subjects"):
             dest = staging / f"{r['name']}_{'slice' if key == 'path' else 'subject'}_scores.csv"
             dest.write_bytes(artefact(r, key).read_bytes())
             tables[dest.stem] = str(dest)
     report = "\n".join(sections) + "\n"
-    result = write_report_outputs(out, config["run_name"], config, tables, report, [])
+    result = write_report_outputs(out, config["run_name"], config, tables, report, figures)
     _publish_artifacts(config["run_name"], report, None)
     return result
