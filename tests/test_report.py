@@ -194,7 +194,7 @@ def test_anomaly_paragraph_and_pixel_map_figure(tmp_path) -> None:
          "pixel_dice": [0.3, 0.6, 0.62]}
     )  # fmt: skip
     text = anomaly_paragraph(metrics)
-    assert "0.95 (flow)" in text and "flow score higher" in text and "gmm>0.5 (0.62)" in text
+    assert "0.95 (flow)" in text and "flow scores higher" in text and "gmm>0.5 (0.62)" in text
     worse = metrics.assign(case_auroc=[0.5, 0.9, 0.7])
     assert "no learned model scores higher" in anomaly_paragraph(worse)
     test = make_slices(n_subjects=4)

@@ -627,7 +627,11 @@ def anomaly_paragraph(metrics: pd.DataFrame) -> str:
         beat = [i for i in learned if m.loc[i, "case_auroc"] > m.loc[ref, "case_auroc"]]
         parts.append(
             f"against the n-SD(3) rule's {m.loc[ref, 'case_auroc']:.2f} case AUROC, "
-            + (f"{', '.join(beat)} score higher" if beat else "no learned model scores higher")
+            + (
+                f"{', '.join(beat)} score{'s' if len(beat) == 1 else ''} higher"
+                if beat
+                else "no learned model scores higher"
+            )
         )
     if "pixel_dice" in m and m["pixel_dice"].notna().any():
         best = m["pixel_dice"].idxmax()
