@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from medsynth.data.slices import SliceSet
-from medsynth.models.conditioning import LabelCondition, SurroundingsKeys
+from medsynth.models.conditioning import LabelCondition, Surroundings, SurroundingsKeys
 from medsynth.models.latent.common import (
     check_slices,
     labels_to_size,
@@ -40,7 +40,17 @@ LossFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
 
 class LabelGANConfig(TorchConfig, SurroundingsKeys):
     """Keys shared by the label-conditioned GANs (here steps 2000, batch_size 8, lr 2e-4), with the condition's
-    ``surroundings`` keys."""
+    ``surroundings`` keys; ``surroundings: partition`` by default, chosen by downstream Dice on ACDC
+    (configs/acdc_learning_curve.yaml, 6 training patients, 2 seeds): SPADE with the partition +2.3 [+0.6, +4.0]
+    Dice points over real-only with all 6 patients and +4.3 with 4, heart labels alone +1.7 [-0.3, +3.9] and
+    +1.4; synthetic-only -2.0 against -13.5 points (rFD 0.97 against 2.21). pix2pix was not separable at 2, 4
+    or 6 patients (within 1.2 points, CIs overlapping) but its synthetic-only arm gained 12 points with it."""
+
+    surroundings: Surroundings = Field(
+        "partition",
+        description="partition (default): heart labels plus the unsupervised surroundings classes (outside the "
+        "body, lung, body wall, liver, vessels); none: one-hot heart labels only, the generator invents the rest",
+    )
 
     image_size: int = Field(64, ge=8, description="working size (square); samples are resized back")
     steps: int = Field(2000, ge=0)
