@@ -558,6 +558,7 @@ def plot_samples(
     n: int = 6,
     first: str = "real (held-out)",
     vmax: float | None = None,
+    title: str = "Real vs synthetic slices (one row per set; labels as contours)",
 ) -> Path:
     """Rows: real slices, then each synthetic set (side by side for comparison). Each panel is the grey image
     with its labels drawn as thin contours in the colours of ``medsynth inspect`` (an opaque fill would hide the
@@ -604,7 +605,7 @@ def plot_samples(
     handles = [Line2D([], [], color=COLOURS[k], lw=1.5, label=CANONICAL[k]) for k in shown]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False,
                title="label contours", title_fontsize=8)  # fmt: skip
-    fig.suptitle("Real vs synthetic slices (one row per set; labels as contours)", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     with atomic_file(Path(path)) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -364,7 +364,11 @@ def write_augment_outputs(
     shown = comparison_slices(real)
     same = render_same_labels(shown, model_records, seed=config["seed"])
     if same:
-        figures.insert(1, str(rp.plot_samples(shown, same, staging / "same_labels.png", n=len(shown))))
+        grid_same = rp.plot_samples(
+            shown, same, staging / "same_labels.png", n=len(shown),
+            title="The same held-out label maps: real (top) and rendered by each family (contours: the real labels)",
+        )  # fmt: skip
+        figures.insert(1, str(grid_same))
         sections += [
             "### The same label maps, real and per family",
             "",
