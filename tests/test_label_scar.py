@@ -140,3 +140,27 @@ def test_cli_sample_scar_fraction(tmp_path, capsys) -> None:
     assert main(["sample", "--model", str(model), "--labels", str(manifest), "--n", "2", "--out", str(bad),
                  "--scar-fraction", "1.5"]) == 2  # fmt: skip
     assert "--scar-fraction" in capsys.readouterr().err and not bad.exists()
+
+
+@pytest.mark.realdata
+def test_label_scar_on_emidec_maps(emidec_png_root, tmp_path) -> None:
+    """Real EMIDEC label maps: shapes from the scarred cases, scar inserted only into healthy myocardium of the
+    scar-free maps, about the configured share of them."""
+    from medsynth.data.cohorts import scar_eligible
+    from medsynth.data.layouts import build_manifest
+    from medsynth.data.loading import load_manifest_slices
+    from medsynth.data.manifest import write_manifest
+
+    df = build_manifest("png-slices", emidec_png_root)
+    keep = sorted(set(df["subject_id"]))[::5]  # 10 of 50 cases, both cohorts
+    path = write_manifest(df[df["subject_id"].isin(keep)], tmp_path / "m.csv", data_root=emidec_png_root)
+    slices = load_manifest_slices(path, emidec_png_root, {"spacing_mm": None, "size": 128})
+    shapes = scar_shapes(slices.labels)
+    assert len(shapes) > 0
+    eligible = scar_eligible(slices.labels)
+    out, added = insert_label_scar(slices.labels, shapes, 0.5, np.random.default_rng(0))
+    assert not added[~eligible].any() and added[eligible].any()
+    assert 0.2 < added[eligible].mean() < 0.8
+    changed = out != slices.labels
+    assert np.all(slices.labels[changed] == MYO) and set(np.unique(out[changed])) <= {SCAR, MVO}
+    assert np.isin(out[added], (SCAR, MVO)).any(axis=(1, 2)).all()

@@ -274,11 +274,12 @@ def synthesize(
     seeded deformations of real training labels."""
     from medsynth.models.registry import load_model
 
+    deformation = dict(synthesis.get("labels") or {})
+    scar_fraction = float(deformation.pop("scar_fraction", 0.0) or 0.0)
     keyed = synthesis
-    if "labels" in synthesis and not synthesis["labels"].get("scar_fraction"):
-        # scar_fraction 0 (off) is left out of the key, so the caches of runs written before the key existed
-        # stay valid
-        keyed = {**synthesis, "labels": {k: v for k, v in synthesis["labels"].items() if k != "scar_fraction"}}
+    if "labels" in synthesis and not scar_fraction:
+        # scar_fraction 0 (off) is left out of the key, so caches written before the key existed stay valid
+        keyed = {**synthesis, "labels": deformation}
     inputs = {"model": model_record["key"], "slices": slices_record["key"], "synthesis": keyed, "seed": seed}
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -289,8 +290,8 @@ def synthesize(
             int(synthesis["n"]),
             seed,
             name=model_record["name"],
-            deformation={k: v for k, v in synthesis.get("labels", {}).items() if k != "scar_fraction"},
-            scar_fraction=float(synthesis.get("labels", {}).get("scar_fraction") or 0.0),
+            deformation=deformation,
+            scar_fraction=scar_fraction,
             context=bool(synthesis.get("context")),
         )
         synthetic.save(tmp / "synthetic.npz")

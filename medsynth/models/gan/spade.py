@@ -250,8 +250,9 @@ class SpadeModel(LabelGAN, Sampler, StyleTransfer):
 
     @torch.no_grad()
     def _run(self, labels: np.ndarray, references: np.ndarray | None, seed: int) -> torch.Tensor:
-        """Generator output (n, 1, s, s) for ``labels``; style codes from ``references`` (their posterior
-        means) or drawn from N(0, I) on the CPU with ``seed`` (the same codes on any device)."""
+        """Generator output (n, 1, s, s) for condition maps ``labels``; style codes from ``references`` (their
+        posterior means; one reference is used for every map) or drawn from N(0, I) on the CPU with ``seed``
+        (the same codes on any device)."""
         cfg = self.config
         gen = self.module("gen")
         z = None
@@ -261,6 +262,8 @@ class SpadeModel(LabelGAN, Sampler, StyleTransfer):
                 z = self.tensor(torch.randn((len(labels), cfg.z_dim), generator=g))
             else:
                 z = self.style_codes(references)
+                if len(z) == 1 and len(labels) > 1:  # one reference for every map: encoded once
+                    z = z.expand(len(labels), -1)
         outs, start = [], 0
         for chunk in np.array_split(labels, max(1, int(np.ceil(len(labels) / 64)))):
             zc = z[start : start + len(chunk)] if z is not None else None
@@ -297,14 +300,8 @@ class SpadeModel(LabelGAN, Sampler, StyleTransfer):
         n = len(labels)
         if n == 0:
             return Samples(np.zeros((0, 1, *labels.shape[1:]), np.float32), labels)
-        z = self.style_codes(refs)
-        if len(z) != n:  # one reference for every map: encode once
-            z = z.expand(n, -1)
         maps = self.condition_maps(labels, seed)  # with a partition: bank partitions drawn from the seed
-        gen = self.module("gen")
-        with torch.no_grad():
-            y = torch.cat([gen.decode(self.cond(maps[i : i + 64]), z[i : i + 64]) for i in range(0, n, 64)])
-        return Samples(images=self.back(y, labels.shape[1:]), labels=labels)
+        return Samples(images=self.back(self._run(maps, refs, seed), labels.shape[1:]), labels=labels)
 
 
 def check_references(reference_images: np.ndarray, n: int) -> np.ndarray:
