@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from medsynth.errors import MedsynthError
-from medsynth.labels import LV, MYO, RV
+from medsynth.labels import LV, MYO, N_CLASSES, RV
 from medsynth.models.diffusion.plausibility import check_label_map, check_label_maps
 from medsynth.models.diffusion.schedulers import CorrectedDDIMScheduler, make_schedulers, x0_from_prediction
 from medsynth.models.latent.common import one_hot, to_size
@@ -173,6 +173,39 @@ def test_joint_filter_rejects_the_implausible_and_reports_the_fraction(slices, m
     with pytest.raises(MedsynthError, match="plausible"):
         m.sample(4, seed=0)
     assert m.last_sample_report["rejected_fraction"] == 0.5 and m.last_sample_report["reasons"] == {"LV islands": 2}
+
+
+def test_joint_decodes_only_trained_classes_at_the_native_size(tmp_path: Path, monkeypatch) -> None:
+    """Generated scar-channel noise of a model trained without scar never becomes a label, and the label channels
+    are upsampled before the argmax (smooth boundaries at the native size, not working-grid blocks)."""
+    from medsynth.labels import SCAR
+
+    cine = toy_slices(6, 2, 64, seed=1)  # no scar in the training maps
+    assert not (cine.labels == SCAR).any()
+    m = create_model("ddpm_joint", {**TINY, "image_size": 32, "steps": 2, "plausibility_filter": False})
+    m.fit(cine, seed=0)
+    assert SCAR not in m.label_classes
+    small = torch.as_tensor(to_size(cine.labels[:2, None].astype(np.float32), 32)[:, 0].round().astype(np.int64))
+    field = one_hot(small) * 2 - 1
+    field[:, SCAR] = 3.0  # louder than any trained channel everywhere
+
+    def draw(n, labels, seed):
+        return torch.cat([torch.zeros((n, 1, 32, 32)), field[:n]], 1)
+
+    monkeypatch.setattr(m, "_draw", draw)
+    out = m.sample(2, seed=0)
+    assert out.labels.shape == (2, 64, 64) and not (out.labels == SCAR).any()
+    # bilinear: the 45° zero crossing of a smooth field decodes into steps of one native pixel, not into the
+    # working grid's two-pixel blocks (nearest-neighbour upsampling)
+    diag = torch.full((1, N_CLASSES, 32, 32), -1.0)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    diag[0, LV] = (xx - yy + 0.5) / 8
+    diag[0, 0] = -(xx - yy + 0.5) / 8
+    lab = m._decode_labels(diag)[0]
+    per_row = (lab == LV).sum(1)  # LV pixels per native row: one fewer each row down
+    assert set(np.diff(per_row[4:-4]).tolist()) == {-1}
+    m.save(tmp_path / "m")
+    assert load_model(tmp_path / "m").label_classes == m.label_classes
 
 
 # ---- the plausibility check --------------------------------------------------------------------------------

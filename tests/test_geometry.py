@@ -257,7 +257,7 @@ def test_stacks_with_gaps_or_different_crops_are_split_not_padded(tmp_path: Path
     second = cases[1][0]
     assert second.image.shape == (SIZE, SIZE, 2)
     np.testing.assert_allclose(second.affine, slice_affine(records[4])[0])
-    (no_record, _), = synthetic_cases(_slice_set(images[:1, 0], labels[:1], [None], source="synthetic"), 2.0)
+    ((no_record, _),) = synthetic_cases(_slice_set(images[:1, 0], labels[:1], [None], source="synthetic"), 2.0)
     assert no_record.spacing == (2.0, 2.0, 2.0)
 
 
@@ -284,7 +284,7 @@ def test_png_slices_keep_their_stored_orientation(tmp_path: Path) -> None:
 
 def test_nnunet_export_writes_the_case_affine(tmp_path: Path) -> None:
     images, labels, records = _records(1.5, n_slices=3)
-    (case, _), = real_cases(_slice_set(images[:, 0], labels, records), 1.5)
+    ((case, _),) = real_cases(_slice_set(images[:, 0], labels, records), 1.5)
     write_nnunet_dataset(tmp_path, [case], channel_name="MR", dataset_name="t")
     for sub in ("imagesTr/real_0000_0000.nii.gz", "labelsTr/real_0000.nii.gz"):
         np.testing.assert_allclose(nib.load(tmp_path / sub).affine, slice_affine(records[0])[0], atol=1e-5)

@@ -161,8 +161,15 @@ def _per_case(deltas: dict[tuple[str, int], np.ndarray], base: dict[int, np.ndar
             for c in range(delta.shape[1]):
                 ref = base[n if n else max(base)][c]
                 rows.append(
-                    {"arm": arm, "n_real_patients": n, "seed": seed, "case": f"c{c}", "class": "lv",
-                     "dice": ref + delta[seed, c], "hd95": 10.0 - 10 * delta[seed, c]}  # fmt: skip
+                    {
+                        "arm": arm,
+                        "n_real_patients": n,
+                        "seed": seed,
+                        "case": f"c{c}",
+                        "class": "lv",
+                        "dice": ref + delta[seed, c],
+                        "hd95": 10.0 - 10 * delta[seed, c],
+                    }  # fmt: skip
                 )
     return pd.DataFrame(rows)
 
@@ -256,8 +263,9 @@ def test_weighted_mixing_weights_the_synthetic_slices_of_every_batch(data, monke
         assert torch.all(w[mask] == 0.25) and torch.all(w[~mask] == 1.0)
     assert any(bool(m.any()) for m, _ in masks)  # synthetic slices were drawn
     assert (per_case["mixing"] == "weighted").all() and (per_case["synthetic_weight"] == 0.25).all()
-    pool = run_segmentation_protocol(train, test, {"a": sets["a"]}, cfg.model_copy(update={"mixing": "pool",
-                                                                                          "synthetic_weight": 1.0}))
+    pool = run_segmentation_protocol(
+        train, test, {"a": sets["a"]}, cfg.model_copy(update={"mixing": "pool", "synthetic_weight": 1.0})
+    )
     assert (pool["synthetic_weight"] == 1.0).all() and len(masks) == 4  # pool: the plain DiceCE, no weights
 
 

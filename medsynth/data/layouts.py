@@ -319,9 +319,7 @@ def _sunnybrook(root: Path, options: dict) -> Iterator[Candidate | LayoutEntryEr
     i-contour file as label (rasterised at load: LV blood pool, and myocardium up to the o-contour)."""
     from medsynth.data.readers import contour_image
 
-    contours = sorted(
-        p for p in root.rglob("*-icontour-manual.txt") if SUNNYBROOK_CONTOUR.match(p.name)
-    )
+    contours = sorted(p for p in root.rglob("*-icontour-manual.txt") if SUNNYBROOK_CONTOUR.match(p.name))
     if not contours:
         raise ManifestError(f"{root}: no Sunnybrook contour files (IM-0001-NNNN-icontour-manual.txt) found")
     for contour in contours:

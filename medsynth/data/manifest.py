@@ -212,8 +212,11 @@ def validate_manifest(
                     break
                 if actual != row["sha256"]:
                     problems.append(
-                        (i, f"image {full}: content does not match the manifest's sha256 {row['sha256'][:12]}… "
-                         f"(file is {actual[:12]}…; changed since the manifest was written?)")
+                        (
+                            i,
+                            f"image {full}: content does not match the manifest's sha256 {row['sha256'][:12]}… "
+                            f"(file is {actual[:12]}…; changed since the manifest was written?)",
+                        )
                     )
                     break
     if problems and not lenient:
