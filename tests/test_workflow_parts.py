@@ -168,3 +168,35 @@ def test_committed_manifests_match_the_data(test_data_root: Path, name: str, sub
     assert set(df["split"]) == {"train", "val", "test"}
     for _, row in df.iloc[:: max(1, len(df) // 10)].iterrows():
         assert sha256_file(root / row["image"]) == row["sha256"]
+
+
+def test_fit_cache_follows_a_changed_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spec that leaves a key to its default must not reuse a model fitted under an earlier default (the stale
+    hit seen when pix2pix's ``surroundings`` default changed): the fit stage keys on the resolved config."""
+    from pydantic import Field
+
+    from medsynth.models import registry
+    from medsynth.models.latent.pca import PCAConfig, PCAModel
+    from medsynth.workflows.stages import fit_model
+    from tests.slice_sets import phantom_slices
+
+    slices = phantom_slices(tmp_path / "ph", subjects=2)
+    rec_dir = tmp_path / "slices"
+    rec_dir.mkdir()
+    for split in ("train", "val"):
+        slices.save(rec_dir / f"{split}.npz")
+    record = {"key": "toy", "dir": str(rec_dir), "train": "train.npz", "val": "val.npz"}
+
+    def family(default: int) -> type[PCAModel]:
+        config = type("ToyConfig", (PCAConfig,), {"__annotations__": {"n_components": int},
+                                                   "n_components": Field(default, ge=1)})  # fmt: skip
+        return type("ToyPCA", (PCAModel,), {"family": "toy_pca", "Config": config})
+
+    spec = {"family": "toy_pca", "name": None, "fit_on": "train", "params": {"image_size": 16}}
+    monkeypatch.setitem(registry._LOADED, "toy_pca", family(2))
+    first = fit_model(str(tmp_path / "work"), record, spec, seed=0)
+    assert not first["cached"]
+    assert fit_model(str(tmp_path / "work"), record, spec, seed=0)["cached"]  # same default: reused
+    monkeypatch.setitem(registry._LOADED, "toy_pca", family(3))
+    changed = fit_model(str(tmp_path / "work"), record, spec, seed=0)
+    assert not changed["cached"] and changed["dir"] != first["dir"]

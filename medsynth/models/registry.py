@@ -132,6 +132,17 @@ def create_model(name: str, config: dict[str, Any] | None = None, checkpoint_dir
     return cls(config)
 
 
+def resolved_params(name: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Family ``name``'s validated config with every default filled in, runtime-only keys (device, checkpoints,
+    progress) left out: what a fit computes with. Stage caches key on it, so a changed default refits instead of
+    reusing a model fitted under the old one (:class:`ConfigError` naming the key when ``config`` is invalid)."""
+    from medsynth.config import validate
+    from medsynth.models.base import RUNTIME_CONFIG_KEYS
+
+    cfg = validate(get_family(name).Config, dict(config or {}), f"models[{name}].params")
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUNTIME_CONFIG_KEYS}
+
+
 def load_model(directory: Any) -> GenerativeModel:
     """Load a saved model of any family."""
     return GenerativeModel.load(directory)

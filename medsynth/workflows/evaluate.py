@@ -117,6 +117,9 @@ def segmentation_arm(
     }
     if ratio is not None:  # only then: the cache keys of runs without a sweep stay what they were
         inputs["ratio"] = float(ratio)
+    # the protocol with its defaults filled in (the list keys are this call's own): a changed default retrains
+    resolved = validate(SegmentationConfig, params, "evaluation.segmentation").model_dump(mode="json")
+    inputs["resolved"] = {k: v for k, v in resolved.items() if k not in ("arms", "seeds", "n_real_patients")}
 
     def build(tmp: Path) -> dict[str, Any]:
         cfg = validate(

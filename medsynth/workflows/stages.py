@@ -239,9 +239,13 @@ def load_split(slices_record: dict[str, Any], split: str) -> SliceSet:
 def fit_model(work: str, slices_record: dict[str, Any], spec: dict[str, Any], seed: int) -> dict[str, Any]:
     """Fit one generative family on the training split (or its healthy subjects) and save it
     (:func:`medsynth.workflows.ops.fit`, as ``medsynth fit`` does)."""
+    from medsynth.models.registry import resolved_params
     from medsynth.workflows.commands import write_fit_report
 
-    inputs = {"slices": slices_record["key"], "spec": spec, "seed": seed}
+    # keyed on the resolved config too: the raw spec alone would let a fit made under an earlier default stand in
+    # for one under today's (a spec that omits a key whose default changed hashes the same)
+    resolved = resolved_params(spec["family"], spec.get("params"))
+    inputs = {"slices": slices_record["key"], "spec": spec, "seed": seed, "resolved": resolved}
     # outside the stage's atomic folder, so a fit interrupted by a crash or Ctrl-C resumes from it
     checkpoints = Path(work) / "checkpoints" / stage_dir(work, "models", inputs).name
 
