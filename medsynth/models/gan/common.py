@@ -41,10 +41,10 @@ LossFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
 class LabelGANConfig(TorchConfig, SurroundingsKeys):
     """Keys shared by the label-conditioned GANs (here steps 2000, batch_size 8, lr 2e-4), with the condition's
     ``surroundings`` keys; ``surroundings: partition`` by default, chosen by downstream Dice on ACDC
-    (configs/acdc_learning_curve.yaml, 6 training patients, 2 seeds): SPADE with the partition +2.3 [+0.6, +4.0]
-    Dice points over real-only with all 6 patients and +4.3 with 4, heart labels alone +1.7 [-0.3, +3.9] and
-    +1.4; synthetic-only -2.0 against -13.5 points (rFD 0.97 against 2.21). pix2pix was not separable at 2, 4
-    or 6 patients (within 1.2 points, CIs overlapping) but its synthetic-only arm gained 12 points with it."""
+    (configs/acdc_learning_curve.yaml, 6 training patients, 3 seeds): SPADE with the partition +2.2 [+0.7, +3.6]
+    Dice points over real-only with all 6 patients and +3.4 with 4, heart labels alone +0.9 [-1.2, +3.0] and
+    +1.0; synthetic-only -2.2 against -15.1 points (rFD 0.97 against 2.21). pix2pix was not separable at 2, 4
+    or 6 patients (within 1.5 points, CIs overlapping) but its synthetic-only arm gained 14 points with it."""
 
     surroundings: Surroundings = Field(
         "partition",
