@@ -201,3 +201,13 @@ def test_anomaly_paragraph_and_pixel_map_figure(tmp_path) -> None:
     maps = np.random.default_rng(0).random(test.labels.shape).astype(np.float16)
     out = plot_anomaly_maps(test, [("m1", maps), ("m2", maps)], tmp_path / "maps.png")
     assert out.stat().st_size > 0
+
+
+def test_rejection_line_names_counts_and_reasons():
+    line = rp.rejection_line(
+        "ddpm_joint",
+        {"n": 40, "rejected": 15, "rejected_fraction": 0.375, "reasons": {"LV islands": 4, "open myocardial ring": 11}},
+    )
+    assert "40 label maps generated, 15 rejected" in line and "(38 %" in line
+    assert line.index("open myocardial ring 11") < line.index("LV islands 4")  # most frequent first
+    assert "the 25 that passed" in line

@@ -197,6 +197,13 @@ def test_fit_cache_follows_a_changed_default(tmp_path: Path, monkeypatch: pytest
     first = fit_model(str(tmp_path / "work"), record, spec, seed=0)
     assert not first["cached"]
     assert fit_model(str(tmp_path / "work"), record, spec, seed=0)["cached"]  # same default: reused
+    # a record written before stage records carried "resolved": judged by the config saved in its model.json
+    done = Path(first["dir"]) / "done.json"
+    done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items() if k != "resolved"}))
+    assert fit_model(str(tmp_path / "work"), record, spec, seed=0)["cached"]
     monkeypatch.setitem(registry._LOADED, "toy_pca", family(3))
     changed = fit_model(str(tmp_path / "work"), record, spec, seed=0)
     assert not changed["cached"] and changed["dir"] != first["dir"]
+    assert fit_model(str(tmp_path / "work"), record, spec, seed=0)["dir"] == changed["dir"]  # and reused there
+    monkeypatch.setitem(registry._LOADED, "toy_pca", family(2))  # back to the first default: the first fit
+    assert fit_model(str(tmp_path / "work"), record, spec, seed=0)["dir"] == first["dir"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -465,6 +466,20 @@ def segmentation_tables(summary: pd.DataFrame, unit: str = "mm") -> tuple[pd.Dat
                 }
             )
     return pd.DataFrame(curve), pd.DataFrame(per_class)
+
+
+def rejection_line(name: str, report: dict[str, Any]) -> str:
+    """One report line for a synthetic set whose label maps passed a plausibility filter: ``report`` holds ``n``
+    (maps generated), ``rejected``, ``rejected_fraction`` and ``reasons`` (count per broken rule)."""
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(report.get("reasons", {}).items(), key=lambda kv: -kv[1]))
+    kept = int(report["n"]) - int(report["rejected"])
+    return (
+        f"- `{name}`: {int(report['n'])} label maps generated, {int(report['rejected'])} rejected by the anatomical "
+        f"plausibility check ({100 * float(report['rejected_fraction']):.0f} %"
+        + (f": {reasons}" if reasons else "")
+        + f"); the synthetic set is drawn from the {kept} that passed (one LV inside a closed myocardial ring, "
+        "the RV beside it, no islands)."
+    )
 
 
 def plot_learning_curve(summary: pd.DataFrame, path: str | Path, ci: float = 0.95) -> Path:

@@ -213,6 +213,9 @@ class GenerativeModel(ABC):
         else:
             self.config = validate(self.Config, config or {}, source=f"{self.family} config")
         self.fitted = False
+        #: what the last ``sample`` call says beside its samples (JSON-able; e.g. the label maps a plausibility
+        #: filter rejected: ``n``, ``rejected``, ``rejected_fraction``, ``reasons``); empty when nothing to say
+        self.last_sample_report: dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
         # only reached when normal lookup fails: a capability method this family does not implement

@@ -14,7 +14,7 @@ import pandas as pd
 from medsynth.data.slices import SliceSet
 from medsynth.workflows import ops
 from medsynth.workflows.outputs import write_report_outputs, write_run_outputs
-from medsynth.workflows.stage import artefact, run_stage
+from medsynth.workflows.stage import artefact, resolved_inputs, run_stage
 from medsynth.workflows.stages import load_split
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,11 @@ def segmentation_arm(
     }
     if ratio is not None:  # only then: the cache keys of runs without a sweep stay what they were
         inputs["ratio"] = float(ratio)
-    # the protocol with its defaults filled in (the list keys are this call's own): a changed default retrains
+    # the protocol with its defaults filled in (the list keys are this call's own): a U-Net trained under a
+    # default that has since changed is not reused (records from before this check carry none and are kept)
     resolved = validate(SegmentationConfig, params, "evaluation.segmentation").model_dump(mode="json")
-    inputs["resolved"] = {k: v for k, v in resolved.items() if k not in ("arms", "seeds", "n_real_patients")}
+    resolved = {k: v for k, v in resolved.items() if k not in ("arms", "seeds", "n_real_patients")}
+    inputs = resolved_inputs(work, "segmentation", inputs, resolved)
 
     def build(tmp: Path) -> dict[str, Any]:
         cfg = validate(
@@ -135,7 +137,7 @@ def segmentation_arm(
         per_case.to_csv(tmp / "per_case.csv", index=False)
         return {"path": "per_case.csv", "arm": arm, "seed": seed, "n_real": n_real}
 
-    return run_stage(work, "segmentation", inputs, build)
+    return run_stage(work, "segmentation", inputs, build, resolved=resolved)
 
 
 def _markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
@@ -282,6 +284,9 @@ def write_augment_outputs(
     tables: dict[str, str] = {}
     figures: list[str] = []
     sections = _report_head("run", config, config_hash, manifest_record, slices_record, model_records)
+    filtered = [(r["name"], r["sample_report"]) for r in synth_records if "rejected" in (r.get("sample_report") or {})]
+    if filtered:
+        sections += ["", "## Generated label maps", "", *[rp.rejection_line(name, rep) for name, rep in filtered]]
     summary_for_artifact: pd.DataFrame | None = None
     if fidelity_records:
         fid = pd.concat([pd.read_csv(artefact(r)) for r in fidelity_records], ignore_index=True)

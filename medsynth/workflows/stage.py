@@ -102,17 +102,52 @@ def is_done(record: dict[str, Any]) -> bool:
     return (Path(record["dir"]) / DONE).is_file()
 
 
+def resolved_inputs(
+    work: str | Path,
+    name: str,
+    inputs: dict[str, Any],
+    resolved: dict[str, Any],
+    legacy: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+) -> dict[str, Any]:
+    """The inputs a stage is keyed on, given the ``resolved`` values it computes with (a config with every
+    default filled in).
+
+    ``inputs`` hold what the user wrote, so a key part left to a default hashes the same after the default
+    changed. A finished stage under ``inputs`` that recorded other resolved values (``record["resolved"]``, or
+    for records written before the field ``legacy(record)``; None: unknown, taken as matching) was built under
+    the old default: the stage is then keyed on ``inputs`` plus ``resolved`` instead, and built anew there.
+    Caches whose defaults did not change keep their keys."""
+    done = stage_dir(work, name, inputs) / DONE
+    if not done.is_file():
+        return inputs
+    record = json.loads(done.read_text(encoding="utf-8"))
+    seen = record.get("resolved")
+    if seen is None and legacy is not None:
+        seen = legacy(record)
+    if seen is None or _canonical(seen) == _canonical(resolved):
+        return inputs
+    log.info("stage %s: %s was built under other defaults; building under the resolved config", name, done.parent)
+    return {**inputs, "resolved": resolved}
+
+
+def _canonical(value: Any) -> Any:
+    """JSON round trip (tuples as lists, keys as strings), so recorded and fresh values compare alike."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
 def run_stage(
     work: str | Path,
     name: str,
     inputs: dict[str, Any],
     build: Callable[[Path], dict[str, Any]],
+    resolved: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``build(tmp_dir) -> record`` once per distinct ``inputs``; return the record.
 
     The record gets ``dir`` (the final artefact folder), ``key`` and ``cached`` (whether this call reused
     an earlier result). ``build`` writes into ``tmp_dir``; record values that are paths inside it must be
-    given relative to it (they are made absolute against the final folder).
+    given relative to it (they are made absolute against the final folder). ``resolved``: the values the
+    build computes with, recorded beside it for :func:`resolved_inputs`.
     """
     out = stage_dir(work, name, inputs)
     done = out / DONE
@@ -123,6 +158,8 @@ def run_stage(
     with atomic_dir(out) as tmp:
         record = build(tmp)
         record = {**record, "stage": name, "key": out.name, "dir": str(out.resolve())}
+        if resolved is not None:
+            record["resolved"] = resolved
         (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str), encoding="utf-8")
         (tmp / DONE).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
         _fault_point(name)

@@ -17,7 +17,7 @@ from medsynth.data.slices import SliceSet
 from medsynth.errors import ConfigError, ManifestError
 from medsynth.utils.hashing import sha256_file
 from medsynth.workflows import ops
-from medsynth.workflows.stage import artefact, file_hashes, run_stage, stage_dir
+from medsynth.workflows.stage import artefact, file_hashes, resolved_inputs, run_stage, stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +242,11 @@ def fit_model(work: str, slices_record: dict[str, Any], spec: dict[str, Any], se
     from medsynth.models.registry import resolved_params
     from medsynth.workflows.commands import write_fit_report
 
-    # keyed on the resolved config too: the raw spec alone would let a fit made under an earlier default stand in
-    # for one under today's (a spec that omits a key whose default changed hashes the same)
+    # the spec alone would let a fit made under an earlier default stand in for one under today's (a spec that
+    # leaves out a key whose default changed hashes the same): a cached fit is checked against the resolved config
     resolved = resolved_params(spec["family"], spec.get("params"))
-    inputs = {"slices": slices_record["key"], "spec": spec, "seed": seed, "resolved": resolved}
+    inputs = {"slices": slices_record["key"], "spec": spec, "seed": seed}
+    inputs = resolved_inputs(work, "models", inputs, resolved, legacy=_saved_config)
     # outside the stage's atomic folder, so a fit interrupted by a crash or Ctrl-C resumes from it
     checkpoints = Path(work) / "checkpoints" / stage_dir(work, "models", inputs).name
 
@@ -268,7 +269,22 @@ def fit_model(work: str, slices_record: dict[str, Any], spec: dict[str, Any], se
             "capabilities": model.supported(),
         }
 
-    return run_stage(work, "models", inputs, build)
+    return run_stage(work, "models", inputs, build, resolved=resolved)
+
+
+def _saved_config(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The config a fit recorded before stage records carried ``resolved``: that of the saved model as it loads
+    (keys added to a family since take the value its loader gives a model saved without them, e.g.
+    ``surroundings: none``), runtime keys left out; None when it does not load."""
+    from medsynth.errors import MedsynthError
+    from medsynth.models.base import RUNTIME_CONFIG_KEYS
+    from medsynth.models.registry import load_model
+
+    try:
+        config = load_model(artefact(record)).config.model_dump(mode="json")
+    except (MedsynthError, OSError, ValueError):
+        return None
+    return {k: v for k, v in config.items() if k not in RUNTIME_CONFIG_KEYS}
 
 
 def synthesize(
@@ -305,6 +321,8 @@ def synthesize(
             "has_labels": has_labels,
             "name": model_record["name"],
             "family": model.family,
+            # e.g. the label maps a plausibility filter rejected on the way to these n (the report says it)
+            "sample_report": dict(model.last_sample_report),
         }
 
     return run_stage(work, "synthesis", inputs, build)

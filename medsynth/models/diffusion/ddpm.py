@@ -159,7 +159,6 @@ class DiffusionFamily(TorchFamily, Sampler):
         self.ddpm, self.ddim = make_schedulers(cfg.timesteps, cfg.schedule, cfg.prediction, clip,
                                                cfg.beta_start, cfg.beta_end)  # fmt: skip
         self.inferer = DiffusionInferer(self.ddpm)
-        self.last_sample_report: dict[str, Any] = {}
         if self.mode != "label" and cfg.surroundings != "none":
             raise ConfigError(f"surroundings: {self.family} has no label condition; only 'none' applies")
         self.condition = LabelCondition(cfg)
