@@ -29,7 +29,8 @@ SLOW_DEFAULTS: dict[str, str] = {
     "ddpm": "~4.5 min at one thread on a quiet machine, 11 min beside two other jobs (passes narrowly since the "
     "cosine / v-prediction / guidance 1.5 defaults: RV-myocardium CNR 3.0 where 2.9 is needed)",
     "ddpm_uncond": "as ddpm (~35 min)",
-    "ddpm_joint": "as ddpm (~35 min), plus redraws of implausible label maps",
+    "ddpm_joint": "~36 min at one thread (6000 steps, its default since 800 left every label map implausible), "
+    "plus redraws of implausible maps; not run on the phantom",
     "ldm": "longer than ddpm (1000 autoencoder + 1000 diffusion steps at 64 px; not run to the end)",
 }
 RUN_SLOW = os.environ.get("MEDSYNTH_RUN_SLOW") == "1"
