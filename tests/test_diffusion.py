@@ -175,6 +175,26 @@ def test_joint_filter_rejects_the_implausible_and_reports_the_fraction(slices, m
     assert m.last_sample_report["rejected_fraction"] == 0.5 and m.last_sample_report["reasons"] == {"LV islands": 2}
 
 
+def test_joint_draws_until_the_budget_not_a_fixed_number_of_rounds(slices, monkeypatch) -> None:
+    """At 40 % acceptance, 8 rounds of just the missing count leave maps missing (200 × 0.6^8 ≈ 3 of 200, the
+    ACDC failure); the draw budget (max_draw_factor × n) is what bounds the loop."""
+    m = create_model("ddpm_joint", {**TINY, "image_size": 32, "steps": 2})
+    m.fit(slices, seed=0)
+    good = slices.labels[:2].copy()
+    bad = good.copy()
+    bad[:, 0:2, 0:2] = LV
+    cycle = np.concatenate([good, bad, bad[:1]])  # 2 of every 5 plausible
+
+    def draw(n, labels, seed):
+        lab = torch.as_tensor(np.resize(cycle, (n, 32, 32)).astype(np.int64))
+        return torch.cat([torch.zeros((n, 1, 32, 32)), one_hot(lab) * 2 - 1], 1)
+
+    monkeypatch.setattr(m, "_draw", draw)
+    out = m.sample(200, seed=0)
+    assert len(out.labels) == 200 and check_label_maps(out.labels).keep.all()
+    assert m.last_sample_report["n"] <= 8 * 200 and m.last_sample_report["rejected_fraction"] > 0.5
+
+
 def test_joint_decodes_only_trained_classes_at_the_native_size(tmp_path: Path, monkeypatch) -> None:
     """Generated scar-channel noise of a model trained without scar never becomes a label, and the label channels
     are upsampled before the argmax (smooth boundaries at the native size, not working-grid blocks)."""

@@ -349,10 +349,15 @@ class DiffusionFamily(TorchFamily, Sampler):
         images, maps = [np.zeros((0, 1, h, w), np.float32)], [np.zeros((0, h, w), np.uint8)]
         drawn = rejected = kept = 0
         reasons: dict[str, int] = {}
-        for round_ in range(cfg.max_draw_factor):
-            if kept >= n:
-                break
-            x = self._draw(n - kept, None, seed + 7919 * round_)  # each round its own noise, deterministic in seed
+        budget = cfg.max_draw_factor * n  # draws in all, so the loop ends however low the acceptance
+        round_ = 0
+        while kept < n and drawn < budget:
+            # the next round asks for what is missing at the acceptance seen so far (rounds of just the missing
+            # count shrink geometrically and would run out of rounds, not of the draw budget)
+            accept = kept / drawn if drawn else 1.0
+            want = int(np.ceil((n - kept) / max(accept, 1.0 / cfg.max_draw_factor)))
+            x = self._draw(min(want, budget - drawn), None, seed + 7919 * round_)  # each round its own noise
+            round_ += 1
             lab = self._decode_labels(x[:, 1:])
             img = self._to_images(x, self.native)
             drawn += len(lab)
