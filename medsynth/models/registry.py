@@ -134,8 +134,9 @@ def create_model(name: str, config: dict[str, Any] | None = None, checkpoint_dir
 
 def resolved_params(name: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Family ``name``'s validated config with every default filled in, runtime-only keys (device, checkpoints,
-    progress) left out: what a fit computes with. Stage caches key on it, so a changed default refits instead of
-    reusing a model fitted under the old one (:class:`ConfigError` naming the key when ``config`` is invalid)."""
+    progress) left out: what a fit computes with. The fit stage checks a cached fit against it, so a changed
+    default refits instead of reusing a model fitted under the old one (:func:`medsynth.workflows.stage.
+    resolved_inputs`; :class:`ConfigError` naming the key when ``config`` is invalid)."""
     from medsynth.config import validate
     from medsynth.models.base import RUNTIME_CONFIG_KEYS
 
