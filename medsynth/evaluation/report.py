@@ -497,20 +497,18 @@ def plot_learning_curve(summary: pd.DataFrame, path: str | Path, ci: float = 0.9
 
     # a synthetic-only arm takes the colour of its family's real + synthetic arm (one colour per family), so the
     # dashed line reads as that family's without a second look at the legend
-    def synthetic_set(arm: str) -> str | None:
-        sets = m.loc[m["arm"] == arm, "synthetic_set"].dropna() if "synthetic_set" in m else pd.Series(dtype=str)
-        return str(sets.iloc[0]) if len(sets) and sets.iloc[0] else None
-
+    sets = m.groupby("arm", sort=False)["synthetic_set"].first() if "synthetic_set" in m else pd.Series(dtype=str)
+    family = {arm: s for arm, s in sets.items() if isinstance(s, str) and s}
     arms = list(dict.fromkeys(m["arm"]))
     trained = [a for a in arms if (m.loc[m["arm"] == a, "n_real_patients"] > 0).any()]
     arm_colour = {arm: colours[i % len(colours)] for i, arm in enumerate(trained)}
     family_colour: dict[str, str] = {}
     for arm in trained:
-        if synthetic_set(arm) is not None:
-            family_colour.setdefault(synthetic_set(arm), arm_colour[arm])
+        if arm in family:
+            family_colour.setdefault(family[arm], arm_colour[arm])
     for arm in arms:
         if arm not in arm_colour:
-            arm_colour[arm] = family_colour.get(synthetic_set(arm)) or colours[len(arm_colour) % len(colours)]
+            arm_colour[arm] = family_colour.get(family.get(arm, ""), colours[len(arm_colour) % len(colours)])
     for arm, g in m.groupby("arm", sort=False):
         g = g.sort_values("n_real_patients")
         c = arm_colour[arm]

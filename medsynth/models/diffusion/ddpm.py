@@ -457,11 +457,10 @@ class DDPMUncondModel(DDPMModel):
 class DDPMJointConfig(DDPMConfig):
     """``ddpm`` keys with a longer default fit (steps 6000, lr 4e-4 with a cosine decay, ema_decay 0.999: the
     settings of configs/acdc_learning_curve.yaml but its 100 warm-up steps, which would exceed a short test fit's
-    steps): the label channels need it. Measured on
-    ACDC (116 training slices, 32 px, one CPU thread, ~36 min): after 800 steps at lr 2e-4 all 1600 of 1600 drawn
-    label maps failed the plausibility check (the label channels still noise: the never-trained scar channel
-    reached +1.7); after 6000 steps at lr 4e-4 the loss fell from 0.41 to 0.08 and 44 % of the maps passed (real
-    maps taken to 32 px and back: 72–78 %)."""
+    steps): the label channels need it. Measured on ACDC (116 training slices, 32 px, one CPU thread, 38 min):
+    after 800 steps at lr 2e-4 all 1600 of 1600 drawn label maps failed the plausibility check (the label
+    channels still noise: the never-trained scar channel reached +1.7); after 6000 steps at lr 4e-4 the loss fell
+    from 0.41 to 0.08 and 203 of 513 maps (40 %) passed (real maps taken to 32 px and back: 72–78 %)."""
 
     steps: int = Field(6000, ge=0)
     lr: float = Field(4e-4, gt=0)
