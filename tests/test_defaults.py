@@ -23,7 +23,7 @@ from medsynth.models.registry import create_model, families_with
 #: family -> the length of its default fit on this phantom, measured on a shared, loaded 2-core machine (load
 #: ~9; a quiet machine is several times faster), or estimated from its per-step time where not run to the end
 SLOW_DEFAULTS: dict[str, str] = {
-    "flow": "~10 min (and its samples fail: blotchy noise)",
+    "flow": "~8 min at one thread beside three other jobs (32 px, 1500 steps, learned prior)",
     "pix2pix": "~8 min",
     "spade": "~4-5 min at one thread on a quiet machine (passes since the style and partition defaults)",
     "ddpm": "~4.5 min at one thread on a quiet machine, 11 min beside two other jobs (passes narrowly since the "

@@ -117,8 +117,57 @@ def test_score_map_sums_to_prior_nll(fitted):
     np.testing.assert_allclose(sc.slice_scores, m.bits_per_dim(x), rtol=1e-5)
     y = m._prep(x)
     zs, _ = m.net(y)
-    prior = sum((0.5 * z**2 + 0.5 * np.log(2 * np.pi)).flatten(1).sum(1) for z in zs).detach().numpy()
-    np.testing.assert_allclose(sc.pixel_maps.reshape(2, -1).sum(1), prior, rtol=1e-4)
+    prior = 0.0
+    for z, (mean, logs) in zip(zs, _priors_by_hand(m.net, zs), strict=True):
+        prior = prior + (0.5 * ((z - mean) / logs.exp()) ** 2 + logs + 0.5 * np.log(2 * np.pi)).flatten(1).sum(1)
+    np.testing.assert_allclose(sc.pixel_maps.reshape(2, -1).sum(1), prior.detach().numpy(), rtol=1e-4)
+
+
+def _priors_by_hand(net: Glow, zs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Glow's learned prior of a 2-level flow written out: the split-off half is normal with a mean and log std
+    computed from the half that went on (recovered by undoing the coarse level's steps on the coarsest latent);
+    the coarsest latent has a learned per-position mean and log std."""
+    fine, coarse = zs
+    rest = coarse
+    for step in reversed(net.levels[1]):
+        rest = step.reverse(rest)
+    heads = [net.split_priors[0](unsqueeze(rest)), net.top.expand(len(coarse), -1, -1, -1)]
+    return [(h[:, 0::2], h[:, 1::2]) for h in heads]
+
+
+def test_learned_prior_sample_inverts_encode():
+    """Sampling from draws eps and encoding the result gives back temperature × eps once whitened by the prior."""
+    net = Glow(1, 16, levels=2, depth=2, hidden=8, learned_prior=True).double()
+    net.train()
+    net(torch.randn(8, 1, 16, 16, dtype=torch.float64))
+    _randomise(net, 4)  # the zero-initialised prior heads too, so the prior is not the standard normal
+    net.eval()
+    g = torch.Generator().manual_seed(0)
+    eps = [torch.randn((3, *s), generator=g, dtype=torch.float64) for s in net.latent_shapes(1, 16)]
+    with torch.no_grad():
+        zs, _ = net(net.sample(eps, temperature=0.7))
+        priors = _priors_by_hand(net, zs)
+    for z, e, (mean, logs) in zip(zs, eps, priors, strict=True):
+        assert logs.abs().max() > 1e-2  # a non-trivial prior
+        torch.testing.assert_close((z - mean) / logs.exp(), 0.7 * e, rtol=1e-6, atol=1e-6)
+    standard = Glow(1, 16, levels=2, depth=2, hidden=8, learned_prior=False)
+    assert not [k for k, _ in standard.named_parameters() if "prior" in k or k == "top"]
+
+
+def test_model_saved_before_the_prior_key_loads_standard(tmp_path):
+    """A flow saved before ``prior`` existed has standard-normal latents and no prior weights: it loads as such."""
+    import json
+
+    m = create_model("flow", {**TINY, "steps": 2, "prior": "standard"})
+    m.fit(toy_slices(4, 1, size=16, seed=1), seed=0)
+    m.save(tmp_path / "old")
+    path = tmp_path / "old" / "model.json"
+    record = json.loads(path.read_text())
+    del record["meta"]["prior_key"], record["config"]["prior"]
+    path.write_text(json.dumps(record))
+    back = GenerativeModel.load(tmp_path / "old")
+    assert back.config.prior == "standard"
+    np.testing.assert_array_equal(back.sample(2, seed=1).images, m.sample(2, seed=1).images)
 
 
 def test_downsamples_larger_slices(fitted):
@@ -147,3 +196,15 @@ def test_flow_resume_continues(train, tmp_path):
 def test_bad_size_rejected():
     with pytest.raises(ValueError, match="image_size"):
         FlowModel({"image_size": 12, "levels": 3})
+
+
+def test_samples_stay_finite_and_in_the_training_range(fitted):
+    """Draws far in the tails (temperature 50) overflow the inverse couplings: the samples are still finite, and
+    clamped to the training intensities' range."""
+    m, _ = fitted
+    hot = FlowModel(m.config.model_copy(update={"temperature": 50.0}))
+    hot.set_state(*m.get_state())
+    s = hot.sample(8, seed=0).images
+    lo, hi = m.value_range
+    assert np.isfinite(s).all()
+    assert s.min() >= lo + 0.5 - 1e-5 and s.max() <= hi + 0.5 + 1e-5

@@ -135,7 +135,7 @@ class FlowStep(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        total = torch.zeros(x.shape[0], dtype=x.dtype)
+        total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for layer in self.layers:
             x, ld = layer(x)
             total = total + ld
@@ -149,25 +149,49 @@ class FlowStep(nn.Module):
 
 class Glow(nn.Module):
     """Multi-scale flow on (N, C, S, S): ``levels`` × [squeeze, ``depth`` flow steps, split half] (no split after
-    the last level). Split-off halves are standard normal (no learned conditional prior)."""
+    the last level).
 
-    def __init__(self, in_channels: int, size: int, levels: int, depth: int, hidden: int, seed: int = 0) -> None:
+    The prior of the latents: with ``learned_prior`` (Glow's), each split-off half is normal with a mean and log
+    std predicted from the half that goes on (a zero-initialised 3×3 convolution) and the coarsest latent is normal
+    with a learned per-position mean and log std; without it, every latent is standard normal. The learned prior
+    holds the coarse layout (where the heart and body are) from the first steps, so short fits sample structure
+    instead of noise; both start as the standard normal."""
+
+    def __init__(
+        self, in_channels: int, size: int, levels: int, depth: int, hidden: int, seed: int = 0,
+        learned_prior: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         if size % (2**levels):
             raise ValueError(f"image_size: {size} is not divisible by 2**levels={2**levels}")
         g = torch.Generator().manual_seed(seed)
+        self.learned_prior = learned_prior
         self.levels = nn.ModuleList()
-        c = in_channels
+        self.split_priors = nn.ModuleList()
+        c, s = in_channels, size
         for i in range(levels):
-            c *= 4
+            c, s = c * 4, s // 2
             self.levels.append(nn.ModuleList([FlowStep(c, hidden, g) for _ in range(depth)]))
             if i < levels - 1:
+                if learned_prior:
+                    self.split_priors.append(ZeroConv(c - c // 2, 2 * (c // 2)))
                 c //= 2
+        if learned_prior:
+            self.top = nn.Parameter(torch.zeros(1, 2 * c, s, s))
 
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Data → latents (one per level, coarsest last) and log-det (N,)."""
-        logdet = torch.zeros(x.shape[0], dtype=x.dtype)
-        zs = []
+    def _prior(self, i: int, rest: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, log std) of latent ``i`` given the half that went on (``rest``; None for the coarsest), or None
+        for the standard normal."""
+        if not self.learned_prior:
+            return None
+        h = self.top.expand(n, -1, -1, -1) if rest is None else self.split_priors[i](rest)
+        return h[:, 0::2], h[:, 1::2]
+
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+        """Data → latents (one per level, coarsest last), log-det (N,) and each latent's elementwise NLL under
+        its prior (same shapes as the latents, nats)."""
+        logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        zs, nlls = [], []
         for i, steps in enumerate(self.levels):
             x = squeeze(x)
             for step in steps:
@@ -176,14 +200,38 @@ class Glow(nn.Module):
             if i < len(self.levels) - 1:
                 z, x = x.chunk(2, dim=1)
                 zs.append(z)
+                nlls.append(gaussian_nll(z, self._prior(i, x, len(z))))
         zs.append(x)
+        nlls.append(gaussian_nll(x, self._prior(len(self.levels) - 1, None, len(x))))
+        return zs, logdet, nlls
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Data → latents (one per level, coarsest last) and log-det (N,)."""
+        zs, logdet, _ = self.encode(x)
         return zs, logdet
 
     def reverse(self, zs: list[torch.Tensor]) -> torch.Tensor:
-        x = zs[-1]
+        """Latents → data, the exact inverse of :meth:`forward`."""
+        return self._decode(lambda i, rest: zs[i])
+
+    def sample(self, eps: list[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+        """Data from standard-normal draws ``eps`` (shapes of :meth:`latent_shapes`): each latent is its prior's
+        mean plus ``temperature`` × its std × the draw, coarsest first (a split's prior needs the half above)."""
+
+        def draw(i: int, rest: torch.Tensor | None) -> torch.Tensor:
+            prior = self._prior(i, rest, len(eps[i]))
+            if prior is None:
+                return eps[i] * temperature
+            mean, logs = prior
+            return mean + torch.exp(logs) * eps[i] * temperature
+
+        return self._decode(draw)
+
+    def _decode(self, latent) -> torch.Tensor:  # noqa: ANN001 - (level, rest or None) -> latent
+        x = latent(len(self.levels) - 1, None)
         for i in reversed(range(len(self.levels))):
             if i < len(self.levels) - 1:
-                x = torch.cat([zs[i], x], dim=1)
+                x = torch.cat([latent(i, x), x], dim=1)
             for step in reversed(self.levels[i]):
                 x = step.reverse(x)
             x = unsqueeze(x)
@@ -201,6 +249,9 @@ class Glow(nn.Module):
         return shapes
 
 
-def gaussian_nll(z: torch.Tensor) -> torch.Tensor:
-    """Elementwise standard-normal negative log-density."""
-    return 0.5 * z * z + 0.5 * math.log(2 * math.pi)
+def gaussian_nll(z: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Elementwise normal negative log-density of ``z`` under ``prior`` = (mean, log std), standard if None."""
+    if prior is None:
+        return 0.5 * z * z + 0.5 * math.log(2 * math.pi)
+    mean, logs = prior
+    return 0.5 * ((z - mean) * torch.exp(-logs)) ** 2 + logs + 0.5 * math.log(2 * math.pi)
