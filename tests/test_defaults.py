@@ -24,7 +24,7 @@ from medsynth.models.registry import create_model, families_with
 #: ~9; a quiet machine is several times faster), or estimated from its per-step time where not run to the end
 SLOW_DEFAULTS: dict[str, str] = {
     "flow": "~8 min at one thread beside three other jobs (32 px, 1500 steps, learned prior)",
-    "pix2pix": "~8 min",
+    "pix2pix": "~5 min at one thread on a quiet machine (600 steps; 300 failed the RV-myocardium contrast narrowly)",
     "spade": "~4-5 min at one thread on a quiet machine (passes since the style and partition defaults)",
     "ddpm": "~4.5 min at one thread on a quiet machine, 11 min beside two other jobs (passes narrowly since the "
     "cosine / v-prediction / guidance 1.5 defaults: RV-myocardium CNR 3.0 where 2.9 is needed)",
