@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test lint bench
+.PHONY: setup quickstart test test-defaults lint bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ quickstart: setup
 
 test:
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
+# every sampling family's default config on the phantom, the slow fits included (tens of minutes on 2 cores;
+# `make test` runs only the fast ones)
+test-defaults:
+	MEDSYNTH_RUN_SLOW=1 $(BIN)/python -m pytest -q -n 2 tests/test_defaults.py
 
 lint:
 	$(BIN)/ruff check medsynth pipelines tests benchmarks

@@ -20,18 +20,17 @@ from medsynth.data.slices import SliceSet
 from medsynth.evaluation.recognisable import phase_randomise, recognisability
 from medsynth.models.registry import create_model, families_with
 
-#: family -> the length of its default fit on this phantom, measured on a shared, loaded 2-core machine (load
-#: ~9; a quiet machine is several times faster), or estimated from its per-step time where not run to the end
+#: family -> the length of its default fit on this phantom (CPU time of one thread, from the last
+#: ``MEDSYNTH_RUN_SLOW=1`` run; wall time on a shared machine is several times longer), and what it showed
 SLOW_DEFAULTS: dict[str, str] = {
-    "flow": "~8 min at one thread beside three other jobs (32 px, 1500 steps, learned prior)",
-    "pix2pix": "~5 min at one thread on a quiet machine (600 steps; 300 failed the RV-myocardium contrast narrowly)",
-    "spade": "~4-5 min at one thread on a quiet machine (passes since the style and partition defaults)",
-    "ddpm": "~4.5 min at one thread on a quiet machine, 11 min beside two other jobs (passes narrowly since the "
-    "cosine / v-prediction / guidance 1.5 defaults: RV-myocardium CNR 3.0 where 2.9 is needed)",
-    "ddpm_uncond": "as ddpm (~35 min)",
-    "ddpm_joint": "~36 min at one thread (6000 steps, its default since 800 left every label map implausible), "
-    "plus redraws of implausible maps; not run on the phantom",
-    "ldm": "longer than ddpm (1000 autoencoder + 1000 diffusion steps at 64 px; not run to the end)",
+    "flow": "~6 min (32 px, 1500 steps, learned prior; passes)",
+    "pix2pix": "~3.5 min (600 steps; at 300 the RV-myocardium contrast failed narrowly)",
+    "spade": "~4.5 min (passes since the style and partition defaults)",
+    "ddpm": "~4.5 min (passes narrowly since the cosine / v-prediction / guidance 1.5 defaults: RV-myocardium CNR "
+    "3.0 where 2.9 is needed)",
+    "ddpm_uncond": "~6.5 min (passes)",
+    "ddpm_joint": "~33 min (6000 steps; fails the LV- and RV-myocardium contrast on its own label maps)",
+    "ldm": "longer than ddpm (1000 autoencoder + 1000 diffusion steps at 64 px)",
 }
 RUN_SLOW = os.environ.get("MEDSYNTH_RUN_SLOW") == "1"
 N_SAMPLES = 24
