@@ -26,11 +26,11 @@ SLOW_DEFAULTS: dict[str, str] = {
     "flow": "~6 min (32 px, 1500 steps, learned prior; passes)",
     "pix2pix": "~3.5 min (600 steps; at 300 the RV-myocardium contrast failed narrowly)",
     "spade": "~4.5 min (passes since the style and partition defaults)",
-    "ddpm": "~4.5 min (passes narrowly since the cosine / v-prediction / guidance 1.5 defaults: RV-myocardium CNR "
+    "ddpm": "~7 min (passes narrowly since the cosine / v-prediction / guidance 1.5 defaults: RV-myocardium CNR "
     "3.0 where 2.9 is needed)",
     "ddpm_uncond": "~6.5 min (passes)",
     "ddpm_joint": "~33 min (6000 steps; fails the LV- and RV-myocardium contrast on its own label maps)",
-    "ldm": "longer than ddpm (1000 autoencoder + 1000 diffusion steps at 64 px)",
+    "ldm": "~11 min (1000 autoencoder + 1000 diffusion steps at 64 px; fails the blood-myocardium contrast)",
 }
 RUN_SLOW = os.environ.get("MEDSYNTH_RUN_SLOW") == "1"
 N_SAMPLES = 24
