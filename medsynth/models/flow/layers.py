@@ -7,6 +7,7 @@ Every layer maps ``x → (y, logdet)`` forward (data → latent) and ``reverse(y
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -227,7 +228,9 @@ class Glow(nn.Module):
 
         return self._decode(draw)
 
-    def _decode(self, latent) -> torch.Tensor:  # noqa: ANN001 - (level, rest or None) -> latent
+    def _decode(self, latent: Callable[[int, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+        """Data from ``latent(level, rest)``, called coarsest first with the half that went on at that level's split
+        (None for the coarsest latent)."""
         x = latent(len(self.levels) - 1, None)
         for i in reversed(range(len(self.levels))):
             if i < len(self.levels) - 1:

@@ -10,7 +10,8 @@ bins of 1/256 and dequantised with uniform noise in training. :func:`bits_per_di
 the discrete bits/dim, ``(NLL + D·log 256) / (D·log 2)``; ``fit`` reports it on held-out data.
 
 Anomaly ``score``: slice score = NLL in bits/dim (exact, no dequantisation noise). Pixel map: the per-dimension
-prior NLL ``½ z² + ½ log 2π`` of every latent, placed back on the pixel grid — a latent of level l covers a
+prior NLL of every latent (``½ ((z − μ)/σ)² + log σ + ½ log 2π`` under its prior; μ = 0, σ = 1 for
+``prior: standard``), placed back on the pixel grid — a latent of level l covers a
 2^l × 2^l block of pixels (squeezes are reshapes; 1×1 convolutions and couplings act within a block or its
 neighbours), so its NLL is spread evenly over that block. The map sums to the prior part of the NLL; the
 log-determinant (a global volume term) is left out. Block-accurate, cheaper and less noisy than input
