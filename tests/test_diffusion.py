@@ -298,3 +298,52 @@ def test_ldm_scale_factor_is_the_inverse_latent_std_and_samples_decode(slices, t
     assert s.images.shape == (2, 1, 32, 32) and np.isfinite(s.images).all()
     m.save(tmp_path / "ldm")
     np.testing.assert_array_equal(load_model(tmp_path / "ldm").sample(2, slices.labels[:2], seed=0).images, s.images)
+
+
+def test_area_condition_keeps_a_thin_ring_as_class_fractions() -> None:
+    """``label_resize: area``: each working-size cell holds the class fractions of its block of the full-size
+    map (the block means of the one-hot), so a 1-px myocardium ring survives a 4x reduction; nearest keeps one
+    pixel per block and can miss it."""
+    lab = np.zeros((1, 32, 32), np.uint8)
+    lab[0, 8:24, 8:24] = MYO
+    lab[0, 9:23, 9:23] = LV  # a 1-px MYO ring around the LV
+    area = create_model("ddpm", {**TINY, "image_size": 8, "label_resize": "area"})
+    near = create_model("ddpm", {**TINY, "image_size": 8})
+    c = area.cond_tensor(lab).numpy()
+    block = one_hot(torch.from_numpy(lab).long(), N_CLASSES).numpy().reshape(1, N_CLASSES, 8, 4, 8, 4).mean((3, 5))
+    np.testing.assert_allclose(c, block, atol=1e-6)
+    np.testing.assert_allclose(c.sum(1), 1.0, atol=1e-6)
+    crossed = (lab[0] == MYO).reshape(8, 4, 8, 4).any((1, 3))  # the blocks the ring passes through
+    np.testing.assert_array_equal(c[0, MYO] > 0, crossed)
+    n = near.cond_tensor(lab).numpy()
+    assert set(np.unique(n)) <= {0.0, 1.0} and (n[0, MYO] > 0).sum() < crossed.sum()
+
+
+def test_area_condition_fits_samples_and_reloads(slices, tmp_path: Path) -> None:
+    m = create_model("ddpm", {**TINY, "steps": 3, "label_resize": "area"})
+    m.fit(slices, seed=0)
+    a = m.sample(2, slices.labels[:2], seed=1)
+    assert a.images.shape == (2, 1, 32, 32) and np.isfinite(a.images).all()
+    assert np.isfinite(m.score(slices).slice_scores).all()
+    m.save(tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert back.config.label_resize == "area"
+    np.testing.assert_array_equal(back.sample(2, slices.labels[:2], seed=1).images, a.images)
+
+
+def test_diffusion_saved_before_label_resize_loads_nearest(slices, tmp_path: Path) -> None:
+    """A model saved before the key conditioned on nearest-resized maps: it loads so, whatever the default."""
+    import json
+
+    m = create_model("ldm", {**TINY, "ae_channels": (8, 8), "ae_steps": 2, "steps": 2, "image_size": 16,
+                             "label_resize": "nearest"})  # fmt: skip
+    m.fit(slices, seed=0)
+    m.save(tmp_path / "old")
+    path = tmp_path / "old" / "model.json"
+    record = json.loads(path.read_text())
+    del record["meta"]["label_resize"], record["config"]["label_resize"]
+    path.write_text(json.dumps(record))
+    back = load_model(tmp_path / "old")
+    assert back.config.label_resize == "nearest"
+    np.testing.assert_array_equal(back.sample(2, slices.labels[:2], seed=0).images,
+                                  m.sample(2, slices.labels[:2], seed=0).images)  # fmt: skip
