@@ -26,8 +26,8 @@ SLOW_DEFAULTS: dict[str, str] = {
     "flow": "~6 min (32 px, 1500 steps, learned prior; passes)",
     "pix2pix": "~3.5 min (600 steps; at 300 the RV-myocardium contrast failed narrowly)",
     "spade": "~4.5 min (passes since the style and partition defaults)",
-    "ddpm": "~7 min (passes narrowly since the cosine / v-prediction / guidance 1.5 defaults: RV-myocardium CNR "
-    "3.0 where 2.9 is needed)",
+    "ddpm": "~2.5 min on a quiet machine (area-resized labels: RV-myocardium CNR 3.7 where 2.9 is needed; 3.0 with "
+    "nearest-resized ones)",
     "ddpm_uncond": "~6.5 min (passes)",
     "ddpm_joint": "~33 min (6000 steps; fails the LV- and RV-myocardium contrast on its own label maps)",
     "ldm": "~6 min (64 px, 2x autoencoder, area-resized labels; passes narrowly: RV-myocardium CNR 3.06 where "

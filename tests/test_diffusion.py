@@ -308,7 +308,7 @@ def test_area_condition_keeps_a_thin_ring_as_class_fractions() -> None:
     lab[0, 8:24, 8:24] = MYO
     lab[0, 9:23, 9:23] = LV  # a 1-px MYO ring around the LV
     area = create_model("ddpm", {**TINY, "image_size": 8, "label_resize": "area"})
-    near = create_model("ddpm", {**TINY, "image_size": 8})
+    near = create_model("ddpm", {**TINY, "image_size": 8, "label_resize": "nearest"})
     c = area.cond_tensor(lab).numpy()
     block = one_hot(torch.from_numpy(lab).long(), N_CLASSES).numpy().reshape(1, N_CLASSES, 8, 4, 8, 4).mean((3, 5))
     np.testing.assert_allclose(c, block, atol=1e-6)

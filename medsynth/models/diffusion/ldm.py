@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 class LDMConfig(DDPMConfig):
     """``ddpm`` keys (the U-Net now works on latents) plus the autoencoder's. CPU-sized: 64 px images, 32 px
-    latents (a 2x autoencoder), the label condition as class fractions per latent cell (``label_resize: area``);
-    on a GPU e.g. image_size 128, ae_channels (64, 128, 128), channels (128, 256, 256), ae_steps 20000.
+    latents (a 2x autoencoder), the label condition as class fractions per latent cell (``label_resize: area``,
+    the ``ddpm`` default); on a GPU e.g. image_size 128, ae_channels (64, 128, 128), channels (128, 256, 256), ae_steps 20000.
 
     Measured with :mod:`medsynth.evaluation.recognisable` on the 2-subject phantom (``tests/test_defaults.py``,
     slow case; ~6 min at one thread): the default samples pass, narrowly: a heart in 96 % of samples,
@@ -54,19 +54,15 @@ class LDMConfig(DDPMConfig):
     (RV 2.46-2.93, 1.28-1.74). The samples are grainier than the phantom's smooth tissues. The autoencoder alone
     reconstructs with 3.7 / 4.0. The earlier default, a 4x autoencoder (ae_channels (16, 32, 32): 16 px
     latents, nearest-resized labels), failed (0.92 / 0.58, blurred): a 16 px grid holds the ~2 px myocardium of
-    a 64 px slice in at most one cell, and area fractions alone did not rescue it (1.13 / 0.76). At 2000
-    diffusion steps the 2x default failed the RV contrast in its one run (2.45), so the pass is not robust."""
+    a 64 px slice in at most one cell, and area fractions alone did not rescue it (1.13 / 0.76). The 2x
+    autoencoder with nearest-resized labels failed the RV contrast narrowly (2.74), and at 2000 diffusion steps
+    more clearly (2.45) in its one run: the pass is not robust."""
 
     image_size: int = Field(64, ge=8, description="image working size; divisible by 2^(len(ae_channels)-1)")
     ae_channels: tuple[int, ...] = Field((16, 32), min_length=1)
     latent_channels: int = Field(3, ge=1)
     ae_steps: int = Field(1000, ge=0, description="autoencoder training iterations (phase 1)")
     kl_weight: float = Field(1e-6, ge=0)
-    label_resize: Literal["nearest", "area"] = Field(
-        "area",
-        description="how condition maps reach the latent grid: one class per cell (nearest) or each "
-        "cell's class fractions (area)",
-    )
 
     @model_validator(mode="after")
     def _latent(self) -> LDMConfig:
