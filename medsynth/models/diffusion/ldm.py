@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 class LDMConfig(DDPMConfig):
     """``ddpm`` keys (the U-Net now works on latents) plus the autoencoder's. CPU-sized: 64 px images, 32 px
     latents (a 2x autoencoder), the label condition as class fractions per latent cell (``label_resize: area``,
-    the ``ddpm`` default); on a GPU e.g. image_size 128, ae_channels (64, 128, 128), channels (128, 256, 256), ae_steps 20000.
+    the ``ddpm`` default); on a GPU e.g. image_size 128, ae_channels (64, 128, 128), channels (128, 256, 256),
+    ae_steps 20000.
 
     Measured with :mod:`medsynth.evaluation.recognisable` on the 2-subject phantom (``tests/test_defaults.py``,
     slow case; ~6 min at one thread): the default samples pass, narrowly: a heart in 96 % of samples,
