@@ -32,8 +32,9 @@ Anomaly ``score`` (``ddpm`` and ``ddpm_uncond``), AnoDDPM-style (Wyatt et al. 20
 from the slice's label map with scar / MVO relabelled as healthy myocardium (the healthy counterpart it learnt
 on); case scores come from the anomaly evaluation over slices. Train on healthy slices for this use. The
 defaults on EMIDEC (``configs/emidec_anomaly.yaml``'s split: 10 healthy training cases, 15 test cases; the
-README's scoring table): ``ddpm`` case AUROC 0.92 against the n-SD(3) rule's 0.90 (one step of 0.02; its slice
-AUROC 0.68 is below the rule's 0.82); ``ddpm_uncond`` 0.82, so it does not beat the rule.
+README's scoring table): ``ddpm`` case AUROC 0.94 against the n-SD(3) rule's 0.90 (two steps of 0.02; its slice
+AUROC 0.74 is below the rule's 0.82; 0.92 / 0.68 with nearest-resized labels); ``ddpm_uncond`` 0.82, so it does
+not beat the rule.
 
 Scales: slices (N, 1, H, W) float32 on the SliceSet scale (p1 → 0, p99 → 1) are resized to ``image_size`` (area)
 and mapped to ``y = 2x − 1``; ``clip_range`` (slice units, with headroom beyond [0, 1] for bright scar) bounds
