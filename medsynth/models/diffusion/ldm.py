@@ -9,8 +9,8 @@ Two phases in one ``fit``, both through the one training loop:
    scale factor ``1 / std(z)`` over the training latents (so the latents have unit variance, as the noise
    schedule assumes), conditioned on the one-hot label map taken to the latent size (``label_resize``: its
    class fractions per latent cell by default, or nearest neighbour), with classifier-free guidance as in
-   ``ddpm``; with ``surroundings: partition`` the map is the heart labels plus
-   the surroundings partition, as in ``ddpm`` (:mod:`medsynth.models.conditioning`).
+   ``ddpm``; with ``surroundings: partition`` the map is the heart labels plus the surroundings partition, as
+   in ``ddpm`` (:mod:`medsynth.models.conditioning`).
 
 Sampling runs the reverse process in latent space (the corrected DDIM or DDPM) and decodes ``z / scale``; the
 image is mapped back to the slice scale and resized to the label maps' size. With checkpoints on, phase 1 keeps
