@@ -20,16 +20,13 @@ from medsynth.data.slices import SliceSet
 from medsynth.evaluation.recognisable import phase_randomise, recognisability
 from medsynth.models.registry import create_model, families_with
 
-#: family -> the length of its default fit on this phantom (CPU time of one thread, from the last
-#: ``MEDSYNTH_RUN_SLOW=1`` run; wall time on a shared machine is several times longer), and what it showed
+#: family -> the length of its default fit on this phantom and what it showed, for the families too slow for CI
+#: (test durations at one thread on the quiet 2-core machine, from the last ``MEDSYNTH_RUN_SLOW=1`` run). The
+#: other sampling families run in ``make test``; the longest of them: ddpm ~2.8 min, ddpm_uncond 2.7, flow 2.4,
+#: spade 1.8, pix2pix 1.2.
 SLOW_DEFAULTS: dict[str, str] = {
-    "flow": "~6 min (32 px, 1500 steps, learned prior; passes)",
-    "pix2pix": "~3.5 min (600 steps; at 300 the RV-myocardium contrast failed narrowly)",
-    "spade": "~4.5 min (passes since the style and partition defaults)",
-    "ddpm": "~2.5 min on a quiet machine (area-resized labels: RV-myocardium CNR 3.7 where 2.9 is needed; 3.0 with "
-    "nearest-resized ones)",
-    "ddpm_uncond": "~6.5 min (passes)",
-    "ddpm_joint": "~33 min (6000 steps; fails the LV- and RV-myocardium contrast on its own label maps)",
+    "ddpm_joint": "~33 min on a loaded machine (6000 steps; fails the LV- and RV-myocardium contrast on its own "
+    "label maps)",
     "ldm": "~6 min (64 px, 2x autoencoder, area-resized labels; passes narrowly: RV-myocardium CNR 3.06 where "
     "2.93 is needed)",
 }

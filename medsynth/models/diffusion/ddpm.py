@@ -80,7 +80,7 @@ class DDPMConfig(TorchConfig, SurroundingsKeys):
     CPU-sized defaults (32 px, channels (16, 32, 64), no attention; cosine schedule, v-prediction, guidance 1.5:
     the settings of the shipped run configs; the label condition as class fractions per cell, ``label_resize:
     area``). Measured with :mod:`medsynth.evaluation.recognisable` on the 2-subject phantom
-    (``tests/test_defaults.py``, slow case; fit ~2.5 min at one thread on a quiet machine), sample seeds 0, 1, 2:
+    (``tests/test_defaults.py``, in ``make test``; ~2.8 min at one thread on a quiet machine), sample seeds 0-2:
     a heart in 92-96 % of samples, blood / myocardium contrast-to-noise 3.27-3.33 (LV) and 3.57-3.69 (RV)
     against 4.9 / 6.0 in the real slices and thresholds 2.4 / 2.93. With nearest-resized maps (the earlier
     default, still what the shipped configs measured) the same fit passed narrowly: 2.76-2.82 / 3.02-3.18. The
